@@ -1,0 +1,1 @@
+"""eplbd: the EPLB agent that lives in every inference worker, and its launcher."""
