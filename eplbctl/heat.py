@@ -1,0 +1,436 @@
+"""Heat: tokens routed per (layer, logical expert), and the file formats it comes in.
+
+``load_heat(path)`` reads any supported file and returns ``HeatData`` whose ``heat`` is ``[L, E]``
+(a window sum) or ``[T, L, E]`` (a time series), float64, validated (no NaN, inf or negatives).
+
+Formats (chosen by extension, then by content):
+  * SGLang JSON ``{"logical_count": [[...]*E]*L}`` (or ``[T][L][E]``) and SGLang ``.pt``
+    (a dict holding a ``logical_count`` tensor, or a bare tensor; read with ``weights_only=True``).
+  * Qwen / SGLang-stat JSON ``{"counts": [[...]], "num_layers": L, "num_experts": E}``.
+  * Per-step JSONL -> ``[T, L, E]``; one JSON object per line, blank lines ignored, either
+        {"step": 0, "layer": 3, "counts": [c0, c1, ...]}      one line per (step, layer), or
+        {"step": 0, "counts": [[c0, ...], [c0, ...], ...]}   one line per step, every layer;
+    one form per file; ``step`` ints, sorted on load (T = distinct steps); every step must have
+    every layer, once.  ``layer`` is the model layer id; in the second form layers are 0..L-1.
+  * Per-token route JSONL (vLLM route logs): an optional ``{"type": "meta", ...}`` line, then
+    ``{"type": "route", "req_id", "token_idx", "layer", "topk_ids", ...}`` lines.  Warm-up /
+    profiling passes (a pass is a run of rows of one request with rising ``token_idx``, per layer)
+    in which every token picks the same expert set are dropped, and the notes say how many.
+  * Our compact ``.npz``: ``heat`` ([L, E] or [T, L, E]; integer counts stored as unsigned ints),
+    ``layer_ids``, ``source`` and optional ``notes``; written by ``save_compact``.
+
+Dense layers: in the raw formats, LEADING all-zero layers are dropped as dense when some other
+layer is non-zero (DeepSeek-V3: model layers 0-2), and ``layer_ids`` keeps the model layer id of
+each remaining MoE layer.  An all-zero layer after the first MoE layer is a valid MoE layer.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_HEAT_NAME = "deepseek_v3_prefill_in1024.npz"
+
+
+class HeatError(ValueError):
+    """A heat file or array that cannot be used; the message names the file and the field."""
+
+
+@dataclass
+class HeatData:
+    heat: np.ndarray  # [L, E] float64 window sum, or [T, L, E] time series
+    layer_ids: list[int]  # model layer id per MoE layer
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.layer_ids) != self.heat.shape[-2]:
+            raise HeatError(
+                f"{self.source}: {len(self.layer_ids)} layer ids for {self.heat.shape[-2]} layers"
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.heat.shape[-2])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.heat.shape[-1])
+
+    @property
+    def is_series(self) -> bool:
+        return self.heat.ndim == 3
+
+    def total(self) -> np.ndarray:
+        """-> [L, E] float64: the heat summed over time (the heat itself when it is a window sum)."""
+        return self.heat.sum(axis=0) if self.heat.ndim == 3 else self.heat
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _ragged_where(obj: Any, names: tuple[str, ...]) -> str | None:
+    """First place where nested lists are ragged -> 'layer 4 has 255 values, expected 256'."""
+    if len(names) < 2:
+        return None
+    for i, kid in enumerate(obj):
+        if not isinstance(kid, (list, tuple)):
+            return f"{names[0]} {i} is not a list"
+    want = len(obj[0]) if len(obj) else 0
+    unit = "values" if len(names) == 2 else "entries"
+    for i, kid in enumerate(obj):
+        if len(kid) != want:
+            return f"{names[0]} {i} has {len(kid)} {unit}, expected {want}"
+    for i, kid in enumerate(obj):
+        inner = _ragged_where(kid, names[1:])
+        if inner:
+            return f"{names[0]} {i}: {inner}"
+    return None
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth along first elements: [[1]] -> 2."""
+    depth = 0
+    while isinstance(obj, (list, tuple)) and len(obj):
+        obj, depth = obj[0], depth + 1
+    return depth
+
+
+def _position(index: tuple[int, ...]) -> str:
+    names = ("layer", "expert") if len(index) == 2 else ("step", "layer", "expert")
+    return " ".join(f"{n} {i}" for n, i in zip(names, index, strict=True))
+
+
+def validate_heat(arr: Any, where: str) -> np.ndarray:
+    """Array-like heat -> float64 [L, E] or [T, L, E]; HeatError naming `where` and the bad cell.
+
+    Rejects ragged rows, non-numbers, empty arrays, wrong ndim, NaN, inf and negative counts.
+    All-zero rows are valid (a layer that saw no tokens).
+    """
+    try:
+        out = np.array(arr, dtype=np.float64)
+    except (ValueError, TypeError) as exc:
+        ragged = None
+        if isinstance(arr, (list, tuple)) and _depth(arr) in (2, 3):
+            names = ("layer", "expert") if _depth(arr) == 2 else ("step", "layer", "expert")
+            ragged = _ragged_where(arr, names)
+        raise HeatError(f"{where}: {ragged or 'values must be numbers'} ({exc.__class__.__name__})") from None
+    if out.ndim not in (2, 3):
+        raise HeatError(f"{where}: heat must be [layers, experts] or [steps, layers, experts], got shape "
+                        f"{out.shape}")
+    if out.size == 0:
+        raise HeatError(f"{where}: heat is empty (shape {out.shape})")
+    for bad, what in ((np.isnan(out), "NaN"), (np.isinf(out), "infinite value")):
+        if bad.any():
+            raise HeatError(f"{where}: {what} at {_position(tuple(int(i) for i in np.argwhere(bad)[0]))}")
+    if (out < 0).any():
+        first = tuple(int(i) for i in np.argwhere(out < 0)[0])
+        raise HeatError(f"{where}: negative count {out[first]:g} at {_position(first)}")
+    return out
+
+
+def _drop_dense(heat: np.ndarray, layer_ids: list[int], notes: list[str]) -> tuple[np.ndarray, list[int]]:
+    """Drop leading all-zero layers (dense layers) when some later layer is non-zero."""
+    per_layer = heat.sum(axis=-1) if heat.ndim == 2 else heat.sum(axis=(0, 2))  # [L]
+    nonzero = np.flatnonzero(per_layer > 0)
+    if len(nonzero) == 0 or nonzero[0] == 0:
+        return heat, layer_ids
+    k = int(nonzero[0])
+    dropped = layer_ids[:k]
+    notes.append(f"dropped {k} leading all-zero layers as dense (model layers {dropped[0]}-{dropped[-1]}); "
+                 f"{len(layer_ids) - k} MoE layers remain")
+    return heat[..., k:, :], layer_ids[k:]
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def _from_raw(arr: Any, where: str, source: str, notes: list[str], layer_ids: list[int] | None = None
+              ) -> HeatData:
+    heat = validate_heat(arr, where)
+    ids = list(range(heat.shape[-2])) if layer_ids is None else layer_ids
+    heat, ids = _drop_dense(heat, ids, notes)
+    return HeatData(heat=heat, layer_ids=ids, source=source, notes=notes)
+
+
+def _load_qwen(doc: dict[str, Any], name: str) -> HeatData:
+    heat = validate_heat(doc["counts"], f"{name}: counts")
+    for key, axis, what in (("num_layers", -2, "rows"), ("num_experts", -1, "columns")):
+        declared = doc.get(key)
+        if declared is not None and declared != heat.shape[axis]:
+            raise HeatError(f"{name}: counts has {heat.shape[axis]} {what} but {key} says {declared}")
+    notes = [f"recorded from {doc['src']}"] if isinstance(doc.get("src"), str) else []
+    return _from_raw(heat, f"{name}: counts", name, notes)
+
+
+def _load_pt(path: Path, name: str) -> HeatData:
+    try:
+        import torch  # lazy: the CLI must not pay for torch unless a .pt file is read
+    except ImportError:
+        raise HeatError(f"{name}: reading .pt heat files needs torch, which is not installed") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise HeatError(f"{name}: not a readable torch file ({exc.__class__.__name__})") from None
+    if isinstance(obj, dict):
+        if "logical_count" not in obj:
+            raise HeatError(f"{name}: .pt dict has no 'logical_count' (keys: {sorted(map(str, obj))})")
+        obj = obj["logical_count"]
+    if not isinstance(obj, torch.Tensor):
+        raise HeatError(f"{name}: expected a tensor, found {type(obj).__name__}")
+    return _from_raw(obj.detach().cpu().double().numpy(), f"{name}: logical_count", name, [])
+
+
+def _load_compact(path: Path, name: str) -> HeatData:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in ("heat", "layer_ids", "source") if k not in npz.files]
+            if missing:
+                raise HeatError(f"{name}: compact heat file lacks {', '.join(missing)}")
+            heat = validate_heat(npz["heat"], f"{name}: heat")
+            layer_ids = [int(x) for x in npz["layer_ids"]]
+            source = str(npz["source"])
+            notes = [str(x) for x in npz["notes"]] if "notes" in npz.files else []
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        if isinstance(exc, HeatError):
+            raise
+        raise HeatError(f"{name}: not a readable .npz file ({exc})") from None
+    if len(layer_ids) != heat.shape[-2]:
+        raise HeatError(f"{name}: layer_ids has {len(layer_ids)} entries for {heat.shape[-2]} layers")
+    return HeatData(heat=heat, layer_ids=layer_ids, source=source, notes=notes)
+
+
+def save_compact(path: str | Path, data: HeatData) -> None:
+    """Write `data` as our compact .npz (integer counts stored in the smallest unsigned type)."""
+    heat = validate_heat(data.heat, f"{path}: heat")
+    if np.all(heat == np.round(heat)):
+        stored: np.ndarray = heat.astype(np.uint32 if heat.max() < 2**32 else np.uint64)
+    else:
+        stored = heat
+    with open(path, "wb") as fh:  # a file handle keeps numpy from appending ".npz"
+        np.savez_compressed(fh, heat=stored, layer_ids=np.asarray(data.layer_ids, dtype=np.int64),
+                            source=np.asarray(data.source), notes=np.asarray(data.notes, dtype=str))
+
+
+def _json_lines(text: str, name: str) -> list[tuple[int, dict[str, Any]]]:
+    out = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise HeatError(f"{name} line {lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(rec, dict):
+            raise HeatError(f"{name} line {lineno}: expected a JSON object, found {type(rec).__name__}")
+        out.append((lineno, rec))
+    return out
+
+
+def _int_field(rec: dict[str, Any], key: str, where: str) -> int:
+    value = rec.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise HeatError(f"{where}: '{key}' must be an integer, got {value!r}")
+    return value
+
+
+def _load_steps(records: list[tuple[int, dict[str, Any]]], name: str) -> HeatData:
+    per_layer = "layer" in records[0][1]
+    cells: dict[int, dict[int, Any]] = {}  # step -> layer -> counts
+    for lineno, rec in records:
+        where = f"{name} line {lineno}"
+        if ("layer" in rec) != per_layer or "counts" not in rec:
+            form = "'step', 'layer', 'counts'" if per_layer else "'step', 'counts'"
+            raise HeatError(f"{where}: expected keys {form} like line {records[0][0]}")
+        step = _int_field(rec, "step", where)
+        if per_layer:
+            layer = _int_field(rec, "layer", where)
+            if layer in cells.setdefault(step, {}):
+                raise HeatError(f"{where}: step {step} layer {layer} appears twice")
+            cells[step][layer] = rec["counts"]
+        else:
+            if step in cells:
+                raise HeatError(f"{where}: step {step} appears twice")
+            if not isinstance(rec["counts"], list):
+                raise HeatError(f"{where}: 'counts' must be a list of per-layer lists")
+            cells[step] = dict(enumerate(rec["counts"]))
+    steps = sorted(cells)
+    layers = sorted({layer for row in cells.values() for layer in row})
+    for step in steps:
+        lacking = [layer for layer in layers if layer not in cells[step]]
+        if lacking:
+            raise HeatError(f"{name}: step {step} lacks layer {lacking[0]}")
+    nested = [[cells[s][layer] for layer in layers] for s in steps]
+    notes = [f"{len(steps)} steps ({steps[0]}..{steps[-1]})"]
+    return _from_raw(nested, f"{name}: counts", name, notes, layer_ids=layers)
+
+
+def _is_warmup(rows: list[tuple[int, ...]]) -> bool:
+    """A warm-up / profiling pass: at least two tokens, and every token picked the same expert set."""
+    return len(rows) >= 2 and len({tuple(sorted(t)) for t in rows}) == 1
+
+
+def _read_routes(records: list[tuple[int, dict[str, Any]]], name: str
+                 ) -> tuple[list[int], int, list[np.ndarray], list[str]]:
+    """Route rows -> (layer_ids, E, kept topk ids per layer [K_l, k], notes); warm-up passes dropped."""
+    meta = next((rec for _, rec in records if rec.get("type") == "meta"), {})
+    passes: dict[int, list[list[tuple[int, ...]]]] = {}  # layer -> passes -> topk rows
+    last: dict[int, tuple[Any, int]] = {}  # layer -> (req_id, token_idx) of the previous row
+    top_k = meta.get("top_k")
+    for lineno, rec in records:
+        if rec.get("type") != "route":
+            continue
+        where = f"{name} line {lineno}"
+        layer = _int_field(rec, "layer", where)
+        token = _int_field(rec, "token_idx", where)
+        ids = rec.get("topk_ids")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise HeatError(f"{where}: 'topk_ids' must be a non-empty list of expert ids, got {ids!r}")
+        top_k = len(ids) if top_k is None else top_k
+        if len(ids) != top_k:
+            raise HeatError(f"{where}: {len(ids)} topk_ids, expected top_k={top_k}")
+        prev = last.get(layer)
+        if prev is None or prev[0] != rec.get("req_id") or token <= prev[1]:
+            passes.setdefault(layer, []).append([])
+        passes[layer][-1].append(tuple(ids))
+        last[layer] = (rec.get("req_id"), token)
+    if not passes:
+        raise HeatError(f"{name}: no route records (lines with \"type\": \"route\")")
+    notes: list[str] = []
+    kept: list[np.ndarray] = []
+    for layer in sorted(passes):
+        warm = [p for p in passes[layer] if _is_warmup(p)]
+        real = [p for p in passes[layer] if not _is_warmup(p)]
+        if warm:
+            sets = sorted({tuple(p[0]) for p in warm})
+            notes.append(f"layer {layer}: dropped {sum(map(len, warm))} rows in {len(warm)} warm-up passes "
+                         f"(every token picked the same experts, e.g. {list(sets[0])}); kept "
+                         f"{sum(map(len, real))} rows in {len(real)} passes")
+        if not real:
+            raise HeatError(f"{name}: layer {layer} has only warm-up passes, no real traffic")
+        kept.append(np.array([t for p in real for t in p], dtype=np.int64))  # [K_l, k]
+    largest = max(int(k.max()) for k in kept)
+    num_experts = meta.get("num_experts")
+    if num_experts is None:
+        num_experts = largest + 1
+        notes.append(f"num_experts not in the meta record; inferred {num_experts} from the largest id")
+    elif largest >= num_experts:
+        raise HeatError(f"{name}: expert id {largest} out of range for num_experts={num_experts}")
+    return sorted(passes), int(num_experts), kept, notes
+
+
+def _bincount_rows(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """ids [T, M] -> counts [T, E] float64."""
+    offsets = (np.arange(ids.shape[0], dtype=np.int64) * num_experts)[:, None]
+    flat = np.bincount((ids + offsets).ravel(), minlength=ids.shape[0] * num_experts)
+    return flat.reshape(ids.shape[0], num_experts).astype(np.float64)
+
+
+def _load_routes(records: list[tuple[int, dict[str, Any]]], name: str) -> HeatData:
+    layer_ids, num_experts, kept, notes = _read_routes(records, name)
+    heat = np.stack([_bincount_rows(k.reshape(1, -1), num_experts)[0] for k in kept])  # [L, E]
+    return HeatData(heat=validate_heat(heat, name), layer_ids=layer_ids, source=name, notes=notes)
+
+
+def routes_to_episodes(path: str | Path, tokens_per_episode: int) -> HeatData:
+    """Route JSONL -> time series heat [T, L, E]: consecutive kept tokens cut into equal episodes.
+
+    Warm-up passes are dropped first; a trailing partial episode is dropped (and noted), so every
+    episode's row sums to tokens_per_episode x top_k.
+    """
+    if tokens_per_episode <= 0:
+        raise HeatError(f"tokens per episode must be positive, got {tokens_per_episode}")
+    path = Path(path)
+    records = _json_lines(_read_text(path), str(path))
+    layer_ids, num_experts, kept, notes = _read_routes(records, str(path))
+    episodes = min(len(k) for k in kept) // tokens_per_episode
+    if episodes == 0:
+        raise HeatError(f"{path}: {min(len(k) for k in kept)} kept tokens make no episode of "
+                        f"{tokens_per_episode}")
+    per_layer = [_bincount_rows(k[: episodes * tokens_per_episode].reshape(episodes, -1), num_experts)
+                 for k in kept]  # L x [T, E]
+    left = min(len(k) for k in kept) - episodes * tokens_per_episode
+    notes.append(f"{episodes} episodes of {tokens_per_episode} tokens; {left} trailing tokens dropped")
+    heat = np.stack(per_layer, axis=1)  # [T, L, E]
+    return HeatData(heat=validate_heat(heat, str(path)), layer_ids=layer_ids, source=str(path), notes=notes)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise HeatError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HeatError(f"{path}: cannot read as text ({exc.__class__.__name__})") from None
+
+
+def _zip_kind(path: Path) -> str | None:
+    """'npz' or 'pt' for a zip file (both numpy and torch save zips), else None."""
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    return "pt" if any(n.endswith("data.pkl") for n in names) else "npz"
+
+
+def load_heat(path: str | Path) -> HeatData:
+    """Read a heat file in any supported format (see the module docstring) -> HeatData."""
+    path = Path(path)
+    name = str(path)
+    if not path.is_file():
+        raise HeatError(f"{name}: no such file")
+    suffix = path.suffix.lower()
+    kind = {".npz": "npz", ".pt": "pt", ".pth": "pt"}.get(suffix) or _zip_kind(path)
+    if kind == "npz":
+        return _load_compact(path, name)
+    if kind == "pt":
+        return _load_pt(path, name)
+    text = _read_text(path)
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        head = json.loads(first)
+    except json.JSONDecodeError:
+        head = None
+    if suffix == ".jsonl" or (isinstance(head, dict) and ("type" in head or "step" in head)):
+        records = _json_lines(text, name)
+        if not records:
+            raise HeatError(f"{name}: empty file")
+        if any(rec.get("type") in ("meta", "route") for _, rec in records[:2]):
+            return _load_routes(records, name)
+        if "step" in records[0][1]:
+            return _load_steps(records, name)
+        raise HeatError(f"{name}: unknown JSONL records (expected 'step'/'counts' or 'type': 'route')")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise HeatError(f"{name}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if isinstance(doc, dict) and "logical_count" in doc:
+        return _from_raw(doc["logical_count"], f"{name}: logical_count", name, [])
+    if isinstance(doc, dict) and "counts" in doc:
+        return _load_qwen(doc, name)
+    if isinstance(doc, dict) and ("layer_list" in doc or "physical_to_logical_map" in doc):
+        raise HeatError(f"{name}: this is a placement (expert map) file, not heat; use 'eplbctl map import'")
+    keys = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
+    raise HeatError(f"{name}: unknown heat format (expected 'logical_count' or 'counts', found {keys})")
+
+
+def default_heat_path() -> Path:
+    """The bundled demo heat (SGLang's published DeepSeek-V3 prefill_in1024 statistics) as a file path."""
+    res = resources.files("eplbctl").joinpath("data", DEFAULT_HEAT_NAME)
+    if isinstance(res, Path):
+        return res
+    # Installed inside a zip: copy the bytes out once to a stable temporary file.
+    target = Path(tempfile.gettempdir()) / f"eplbctl-{DEFAULT_HEAT_NAME}"
+    if not target.exists():
+        target.write_bytes(res.read_bytes())
+    return target
