@@ -21,7 +21,15 @@ def device_loads(phy2log: np.ndarray, heat: np.ndarray) -> np.ndarray:
     heat = np.asarray(heat, dtype=np.float64)
     if heat.ndim != 2 or heat.shape[0] != phy2log.shape[0]:
         raise ValueError(f"heat {heat.shape} does not match placement {phy2log.shape}")
+    outside = phy2log[(phy2log < 0) | (phy2log >= heat.shape[1])]
+    if outside.size:  # replica_counts would fold it into the next layer's counts
+        raise ValueError(f"placement holds expert id {int(outside[0])} outside the heat's "
+                         f"{heat.shape[1]} experts")
     counts = replica_counts(phy2log, heat.shape[1])  # [L, E]
+    orphan = np.argwhere((counts == 0) & (heat > 0))
+    if len(orphan):  # its heat would vanish from every device
+        layer, expert = (int(x) for x in orphan[0])
+        raise ValueError(f"layer {layer}: expert {expert} has heat but no slot in the placement")
     per_replica = np.divide(heat, counts, out=np.zeros_like(heat), where=counts > 0)  # [L, E]
     slot_load = np.take_along_axis(per_replica, phy2log.reshape(phy2log.shape[0], -1), axis=1)
     return slot_load.reshape(phy2log.shape).sum(axis=2)
