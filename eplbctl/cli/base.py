@@ -1,0 +1,296 @@
+"""What every command shares: the context object, global options, exit codes, errors, the terminal.
+
+Shaped after Celery's ``cli/base.py`` and hatch's ``Terminal``:
+- one context object (:class:`CliContext`) built by the group from ``--endpoint``/``--timeout``/
+  ``--key-file`` and handed to every command, which asks it for a client;
+- one exception (:class:`CliError`) that carries its exit code, and one translation function
+  (:func:`translate`) from client/value errors to a one-line ``eplbctl: error: ...`` on stderr;
+- one :class:`Terminal`: rich for people on stderr (progress, spinners, notes), the data the user
+  asked for on stdout (tables), and plain JSON only on stdout under ``--json``.
+
+Nothing here imports torch, numpy or the policies: every command that talks to a daemon must start fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Exit codes: LSB for `status`, sysexits(3) elsewhere, click's 2 for usage errors.
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the operation ran and failed (a job failed, a demo check failed) or the user aborted
+EXIT_USAGE = 2  # bad command line (click's own code), bad layer spec, bad --param
+EXIT_NOT_RUNNING = 3  # LSB "program is not running" (status only)
+EXIT_UNKNOWN = 4  # LSB "program or service status is unknown" (status only)
+EXIT_DATAERR = 65  # EX_DATAERR: an input file holds bad data
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: no daemon answers on the endpoint
+EXIT_SOFTWARE = 70  # EX_SOFTWARE: the daemon (or this tool) failed internally
+EXIT_PROTOCOL = 76  # EX_PROTOCOL: the daemon answered something this version does not understand
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+
+DEFAULT_TIMEOUT_S = 10.0
+
+
+class CliError(click.ClickException):
+    """A user-facing failure: one line on stderr and an exit code, never a traceback."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"eplbctl: error: {self.format_message()}", err=True)
+
+
+def translate(exc: BaseException, *, not_running: int | None = None, unknown: int | None = None) -> CliError:
+    """Map an error from the client, the local libraries or the reply shape to a :class:`CliError`.
+
+    ``not_running``/``unknown`` let `status` use its LSB codes (3 and 4) instead of sysexits.
+    The client's errors carry their own exit code (``.exit_code``); we keep it unless told otherwise.
+    """
+    # Imported here so that `eplbctl policy list` or `completion` never load ZeroMQ.
+    from eplbctl.client import ClientError, DaemonError, DaemonUnavailable
+
+    if isinstance(exc, CliError):
+        return exc
+    message = _one_line(str(exc)) or type(exc).__name__
+    if isinstance(exc, DaemonUnavailable):
+        return CliError(message, not_running if not_running is not None else _code(exc, EXIT_UNAVAILABLE))
+    if isinstance(exc, DaemonError):
+        return CliError(message, unknown if unknown is not None else _code(exc, EXIT_SOFTWARE))
+    if isinstance(exc, ClientError):
+        return CliError(message, unknown if unknown is not None else _code(exc, EXIT_UNAVAILABLE))
+    if isinstance(exc, UnexpectedReply):
+        return CliError(message, unknown if unknown is not None else EXIT_PROTOCOL)
+    if isinstance(exc, ValueError):
+        return CliError(message, EXIT_DATAERR)
+    return CliError(message, EXIT_SOFTWARE)
+
+
+def _code(exc: BaseException, default: int) -> int:
+    code = getattr(exc, "exit_code", None)
+    return code if isinstance(code, int) and code > 0 else default
+
+
+def _one_line(text: str) -> str:
+    # A multi-line message would break `eplbctl ... 2>&1 | tail -1` style scripting.
+    return " ".join(text.split())
+
+
+class UnexpectedReply(Exception):
+    """The daemon's reply lacks a field the protocol promises (so its state is unknown to us)."""
+
+
+def field(content: dict[str, Any], *keys: str) -> Any:
+    """``content[k1][k2]...``, raising :class:`UnexpectedReply` naming the missing path."""
+    value: Any = content
+    for depth, key in enumerate(keys):
+        if not isinstance(value, dict) or key not in value:
+            raise UnexpectedReply(f"unexpected reply from the daemon: no '{'.'.join(keys[: depth + 1])}'")
+        value = value[key]
+    return value
+
+
+@dataclass
+class CliContext:
+    """Global options, resolved lazily so that `eplbctl policy list` never touches the endpoint."""
+
+    endpoint: str | None
+    timeout_s: float
+    key_file: Path | None
+
+    def resolved_endpoint(self) -> str:
+        from eplbctl.endpoint import resolve_endpoint
+
+        try:
+            return resolve_endpoint(self.endpoint)
+        except ValueError as exc:  # a malformed endpoint: the user's mistake
+            raise CliError(_one_line(str(exc)), EXIT_USAGE) from exc
+
+    def key(self) -> bytes | None:
+        if self.key_file is None:
+            return None
+        try:
+            key = self.key_file.read_bytes().strip()
+        except OSError as exc:
+            raise CliError(f"cannot read key file {self.key_file}: {exc.strerror}", EXIT_USAGE) from exc
+        if not key:
+            raise CliError(f"key file {self.key_file} is empty", EXIT_USAGE)
+        return key
+
+    def client(self) -> Any:
+        from eplbctl.client import Client
+
+        return Client(self.resolved_endpoint(), self.timeout_s, key=self.key())
+
+    def call(self, action: Callable[[Any], Any], **codes: int) -> Any:
+        """Run ``action(client)``; client failures become :class:`CliError` (``codes``: see translate)."""
+        from eplbctl.client import ClientError
+
+        try:
+            with self.client() as client:
+                return action(client)
+        except ClientError as exc:
+            raise translate(exc, **codes) from exc
+
+    def request(self, name: str, content: dict[str, Any] | None = None, **codes: int) -> dict[str, Any]:
+        return self.call(lambda client: client.request(name, content or {}), **codes)
+
+    def hello(self, **codes: int) -> dict[str, Any]:
+        """The daemon's identity (protocol version checked by the client) with its sizes shape-checked."""
+        reply = self.call(lambda client: client.hello(), **codes)
+        try:
+            for key in ("layers", "ranks", "experts", "slots_per_device"):
+                if not isinstance(field(reply, key), int):
+                    raise UnexpectedReply(f"unexpected reply from the daemon: '{key}' is not an integer")
+        except UnexpectedReply as exc:
+            if "unknown" in codes:
+                raise translate(exc, unknown=codes["unknown"]) from exc
+            raise
+        return reply
+
+
+pass_ctx = click.make_pass_decorator(CliContext)
+
+
+class Terminal:
+    """hatch-style output: data on stdout, people-facing chatter on stderr, no markup on data."""
+
+    def __init__(self) -> None:
+        # Resolved per call (not at import) so click's CliRunner, which swaps sys.stdout, sees it all.
+        self.out = Console(file=sys.stdout, **_console_options(sys.stdout))
+        self.err = Console(file=sys.stderr, **_console_options(sys.stderr))
+
+    def table(self, table: Table) -> None:
+        self.out.print(table)
+
+    def line(self, text: str = "") -> None:
+        # Plain echo: data lines must not be re-wrapped or styled by rich.
+        click.echo(text)
+
+    def note(self, text: str) -> None:
+        click.echo(text, err=True)
+
+    def warn(self, text: str) -> None:
+        click.echo(f"eplbctl: warning: {text}", err=True)
+
+    def json(self, obj: Any, compact: bool = False) -> None:
+        # compact: one document per line, for streams (``status --watch --json``).
+        indent = None if compact else 2
+        click.echo(json.dumps(obj, indent=indent, sort_keys=True, default=_json_default))
+
+    @contextmanager
+    def spinner(self, text: str) -> Iterator[None]:
+        with self.err.status(text):
+            yield
+
+
+def _console_options(stream: Any) -> dict[str, Any]:
+    is_tty = bool(getattr(stream, "isatty", lambda: False)())
+    # Off a terminal: no colour, no markup/highlighting and a wide line, so pipes get plain unwrapped rows.
+    if is_tty:
+        return {"highlight": False}
+    return {"highlight": False, "no_color": True, "width": 200, "force_terminal": False}
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy scalars/arrays reach here from the offline planner; the daemon path is plain Python.
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def json_option(func: F) -> F:
+    """``--json``: print only JSON on stdout (machines), nothing else there."""
+    return click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")(func)
+
+
+def parse_params(values: tuple[str, ...]) -> dict[str, str]:
+    """``--param k=v`` (repeatable) -> dict; strings are passed through, the policy validates types."""
+    params: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected key=value, got {item!r}", param_hint="'--param'")
+        params[key.strip()] = value.strip()
+    return params
+
+
+def param_option(func: F) -> F:
+    return click.option(
+        "--param", "params", multiple=True, metavar="KEY=VALUE", help="Policy parameter (repeatable)."
+    )(func)
+
+
+def usage_error(message: str) -> NoReturn:
+    """A bad command line discovered after parsing (e.g. a layer spec checked against the daemon's L)."""
+    raise CliError(message, EXIT_USAGE)
+
+
+def parse_layer_spec(spec: str, num_layers: int) -> list[int]:
+    from eplbctl.layerspec import LayerSpecError, parse_layers
+
+    try:
+        return parse_layers(spec, num_layers)
+    except (LayerSpecError, ValueError) as exc:
+        usage_error(_one_line(str(exc)))
+
+
+def handle_errors(func: F) -> F:
+    """Turn stray client/value errors raised inside a command into one-line errors with exit codes."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt as exc:
+            raise CliError("interrupted", EXIT_INTERRUPTED) from exc
+        except UnexpectedReply as exc:
+            raise translate(exc) from exc
+        except Exception as exc:
+            from eplbctl.client import ClientError
+
+            if isinstance(exc, ClientError | ValueError):
+                raise translate(exc) from exc
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def fmt_ratio(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) else "-"
+
+
+def fmt_bytes(n: Any) -> str:
+    if not isinstance(n, int | float):
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} GiB"
+
+
+def fmt_summary(name: str, summary: Any) -> str:
+    if not isinstance(summary, dict):
+        return f"{name} -"
+    return f"{name} mean {fmt_ratio(summary.get('mean'))} p90 {fmt_ratio(summary.get('p90'))} " + (
+        f"max {fmt_ratio(summary.get('max'))}"
+    )

@@ -1,0 +1,220 @@
+"""``eplbctl rebalance``: preview, confirm, start and follow a redeployment of chosen layers.
+
+Order of events, so that a mistake never changes anything:
+1. hello (for L), then the layer spec is checked locally: a bad spec is a usage error (2) before any
+   rebalance request is sent;
+2. without ``--yes``: a dry run is shown and the operator confirms (no/EOF -> exit 1, nothing changed);
+3. the real request; with ``--wait`` (default) the job is polled with a progress bar on stderr until
+   it is done / failed / nochange, then measured imbalance before/after is printed per layer.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from eplbctl.cli.base import (
+    EXIT_FAILURE,
+    CliContext,
+    CliError,
+    Terminal,
+    UnexpectedReply,
+    field,
+    fmt_bytes,
+    fmt_ratio,
+    fmt_summary,
+    handle_errors,
+    json_option,
+    param_option,
+    parse_layer_spec,
+    parse_params,
+    pass_ctx,
+)
+
+FINAL_STATES = ("done", "failed", "nochange")
+WAIT_DEADLINE_S = 600.0  # overall limit on --wait; the job itself goes on in the daemon
+POLL_INTERVAL_S = 0.2
+
+
+def plan_table(plan: dict[str, Any], model_layers: list[int] | None = None) -> Table:
+    """PlanReport per layer: predicted imbalance before/after, moves, bytes; ``model_layers`` offline."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    names = ["layer", "before", "after", "moves", "bytes", "change"]
+    if model_layers is not None:
+        names.insert(1, "model layer")
+    for name in names:
+        table.add_column(name, justify="left" if name == "layer" else "right")
+    for row in field(plan, "layers"):
+        layer = int(field(row, "layer"))
+        model = [str(model_layers[layer])] if model_layers is not None else []
+        table.add_row(
+            str(layer),
+            *model,
+            fmt_ratio(field(row, "before")),
+            fmt_ratio(field(row, "after")),
+            str(field(row, "moves")),
+            fmt_bytes(field(row, "bytes")),
+            "yes" if row.get("change") else "no",
+        )
+    return table
+
+
+def plan_totals(plan: dict[str, Any]) -> str:
+    summary = field(plan, "summary")
+    changed = sum(1 for row in field(plan, "layers") if row.get("change"))
+    return (
+        f"policy {plan.get('policy', '-')} ({plan.get('mode', '-')}, "
+        f"{float(plan.get('seconds', 0.0)):.3f} s): {changed} of {len(plan['layers'])} layers change, "
+        f"{summary.get('moves', 0)} moves, {fmt_bytes(summary.get('bytes', 0))}; predicted imbalance "
+        f"{fmt_summary('before', summary.get('before'))} -> {fmt_summary('after', summary.get('after'))}"
+    )
+
+
+def show_plan(term: Terminal, plan: dict[str, Any], model_layers: list[int] | None = None) -> None:
+    term.table(plan_table(plan, model_layers))
+    term.line(plan_totals(plan))
+
+
+def _by_layer(values: Any) -> dict[int, float]:
+    # msgpack may hand int map keys back as str (strict_map_key); normalise to int.
+    if not isinstance(values, dict):
+        return {}
+    return {int(k): float(v) for k, v in values.items()}
+
+
+def result_table(job: dict[str, Any]) -> Table:
+    before = _by_layer(job.get("measured_before"))
+    after = _by_layer(job.get("measured_after"))
+    done = set(job.get("done_layers") or [])
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name in ("layer", "measured before", "measured after", "moved"):
+        table.add_column(name, justify="left" if name == "layer" else "right")
+    for layer in job.get("layers") or []:
+        table.add_row(str(layer), fmt_ratio(before.get(layer)), fmt_ratio(after.get(layer)),
+                      "yes" if layer in done else "no")
+    return table
+
+
+def request_content(layers: list[int] | None, auto: bool, threshold: float | None, policy: str | None,
+                    params: dict[str, str], dry_run: bool) -> dict[str, Any]:
+    return {"layers": layers, "auto": auto, "threshold": threshold, "policy": policy,
+            "params": params, "dry_run": dry_run}
+
+
+def wait_for_job(obj: CliContext, term: Terminal, job: dict[str, Any], quiet: bool) -> dict[str, Any]:
+    """Poll job_request until a final state; progress (layers moved) on stderr unless ``quiet``."""
+    deadline = time.monotonic() + WAIT_DEADLINE_S
+    job_id = field(job, "job_id")
+    total = max(len(job.get("layers") or []), 1)
+    progress = Progress(TextColumn("job {task.fields[job_id]}: {task.description}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total} layers"), TimeElapsedColumn(),
+                        console=term.err, transient=True, disable=quiet)
+    with progress:
+        task = progress.add_task(str(job.get("state")), total=total, job_id=job_id)
+        while job.get("state") not in FINAL_STATES:
+            if time.monotonic() > deadline:
+                raise CliError(f"job {job_id} still {job.get('state')} after {WAIT_DEADLINE_S:.0f} s; "
+                               "it goes on in the daemon (follow it with 'eplbctl status')", EXIT_FAILURE)
+            time.sleep(POLL_INTERVAL_S)
+            job = field(obj.request("job", {"job_id": job_id}), "job")
+            progress.update(task, description=str(job.get("state")),
+                            completed=len(job.get("done_layers") or []))
+    return job
+
+
+@click.command()
+@click.option("--layers", "spec", metavar="SPEC", help="MoE layers to rebalance, e.g. 3,7-9.")
+@click.option("--auto", is_flag=True,
+              help="Let the daemon pick the layers whose imbalance exceeds the threshold.")
+@click.option("--threshold", type=click.FloatRange(min=1.0), metavar="X",
+              help="Imbalance above which a layer is worth changing (default: the daemon's).")
+@click.option("--policy", metavar="NAME", help="Placement policy (see 'eplbctl policy list').")
+@param_option
+@click.option("--dry-run", is_flag=True, help="Only show the plan; change nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Follow the job until it ends.")
+@json_option
+@pass_ctx
+@handle_errors
+def rebalance(obj: CliContext, spec: str | None, auto: bool, threshold: float | None, policy: str | None,
+              params: tuple[str, ...], dry_run: bool, yes: bool, wait: bool, as_json: bool) -> None:
+    """Redeploy experts of chosen layers (--layers SPEC) or of the worst ones (--auto)."""
+    if (spec is None) == (not auto):
+        raise click.UsageError("give exactly one of --layers SPEC or --auto")
+    param_dict = parse_params(params)
+    term = Terminal()
+    layers = parse_layer_spec(spec, obj.hello()["layers"]) if spec is not None else None
+
+    if dry_run or not yes:
+        plan = field(obj.request("rebalance", request_content(layers, auto, threshold, policy, param_dict,
+                                                              dry_run=True)), "plan")
+        if dry_run:
+            if as_json:
+                term.json({"plan": plan})
+            else:
+                show_plan(term, plan)
+            return
+        # The preview is for the person who must confirm: stderr when stdout is kept for JSON.
+        if as_json:
+            term.err.print(plan_table(plan))
+            term.note(plan_totals(plan))
+        else:
+            show_plan(term, plan)
+        if not any(row.get("change") for row in plan["layers"]):
+            _finish_nochange(term, as_json, "the plan changes no layer; nothing to do")
+            return
+        if not _confirm(f"Apply this plan to {sum(1 for r in plan['layers'] if r.get('change'))} layer(s)?"):
+            raise CliError("aborted; nothing was changed", EXIT_FAILURE)
+
+    job = field(obj.request("rebalance", request_content(layers, auto, threshold, policy, param_dict,
+                                                         dry_run=False)), "job")
+    if not wait:
+        if as_json:
+            term.json({"job": job})
+        else:
+            term.line(f"job {field(job, 'job_id')} {job.get('state')}; follow it with 'eplbctl status'")
+        return
+    job = wait_for_job(obj, term, job, quiet=False)
+    _report(term, job, as_json, show_job_plan=yes and not as_json)
+
+
+def _confirm(question: str) -> bool:
+    try:
+        return click.confirm(question, default=False, err=True)
+    except click.Abort:  # EOF on stdin (no terminal) or Ctrl-C at the prompt: treat as "no"
+        click.echo(err=True)
+        return False
+
+
+def _finish_nochange(term: Terminal, as_json: bool, message: str) -> None:
+    if as_json:
+        term.json({"job": None, "message": message})
+    else:
+        term.line(message)
+
+
+def _report(term: Terminal, job: dict[str, Any], as_json: bool, show_job_plan: bool) -> None:
+    # With --yes no preview was shown, so the job's plan is printed with the result.
+    state = job.get("state")
+    if as_json:
+        term.json({"job": job})
+    elif state == "nochange":
+        reason = job.get("error") or "the policy found nothing worth moving"
+        term.line(f"job {job['job_id']}: no change ({reason})")
+    else:
+        if show_job_plan and isinstance(job.get("plan"), dict):
+            try:
+                show_plan(term, job["plan"])
+            except UnexpectedReply:
+                pass  # the plan is informative here; the measured result below is what matters
+        term.table(result_table(job))
+        term.line(f"job {job['job_id']} {state}: {len(job.get('done_layers') or [])} of "
+                  f"{len(job.get('layers') or [])} layers moved (steps {job.get('started_step')}"
+                  f"-{job.get('finished_step')})")
+    if state == "failed":
+        raise CliError(f"job {job['job_id']} failed: {job.get('error') or 'no reason given'}", EXIT_FAILURE)
+
