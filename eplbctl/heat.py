@@ -77,22 +77,28 @@ class HeatData:
 
 
 def _ragged_where(obj: Any, names: tuple[str, ...]) -> str | None:
-    """First place where nested lists are ragged -> 'layer 4 has 255 values, expected 256'."""
-    if len(names) < 2:
+    """First list whose length differs from the first one at its depth -> 'layer 4 has 255 values...'."""
+    want: list[int] = []
+    probe = obj
+    for _ in names:  # expected length per depth, read along first elements
+        want.append(len(probe) if isinstance(probe, (list, tuple)) else -1)
+        probe = probe[0] if isinstance(probe, (list, tuple)) and len(probe) else None
+
+    def walk(node: Any, depth: int, path: str) -> str | None:
+        for i, kid in enumerate(node):
+            here = f"{path}{names[depth]} {i}"
+            if not isinstance(kid, (list, tuple)):
+                return f"{here} is not a list"
+            if len(kid) != want[depth + 1]:
+                unit = "values" if depth + 2 == len(names) else "entries"
+                return f"{here} has {len(kid)} {unit}, expected {want[depth + 1]}"
+            if depth + 2 < len(names):
+                inner = walk(kid, depth + 1, f"{here}: ")
+                if inner:
+                    return inner
         return None
-    for i, kid in enumerate(obj):
-        if not isinstance(kid, (list, tuple)):
-            return f"{names[0]} {i} is not a list"
-    want = len(obj[0]) if len(obj) else 0
-    unit = "values" if len(names) == 2 else "entries"
-    for i, kid in enumerate(obj):
-        if len(kid) != want:
-            return f"{names[0]} {i} has {len(kid)} {unit}, expected {want}"
-    for i, kid in enumerate(obj):
-        inner = _ragged_where(kid, names[1:])
-        if inner:
-            return f"{names[0]} {i}: {inner}"
-    return None
+
+    return walk(obj, 0, "")
 
 
 def _depth(obj: Any) -> int:
