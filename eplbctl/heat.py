@@ -51,6 +51,8 @@ class HeatData:
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.heat.ndim not in (2, 3):
+            raise HeatError(f"{self.source}: heat must be [L, E] or [T, L, E], got shape {self.heat.shape}")
         if len(self.layer_ids) != self.heat.shape[-2]:
             raise HeatError(
                 f"{self.source}: {len(self.layer_ids)} layer ids for {self.heat.shape[-2]} layers"
@@ -127,7 +129,7 @@ def validate_heat(arr: Any, where: str) -> np.ndarray:
         if isinstance(arr, (list, tuple)) and _depth(arr) in (2, 3):
             names = ("layer", "expert") if _depth(arr) == 2 else ("step", "layer", "expert")
             ragged = _ragged_where(arr, names)
-        raise HeatError(f"{where}: {ragged or 'values must be numbers'} ({exc.__class__.__name__})") from None
+        raise HeatError(f"{where}: {ragged or f'values must be numbers ({exc})'}") from None
     if out.ndim not in (2, 3):
         raise HeatError(f"{where}: heat must be [layers, experts] or [steps, layers, experts], got shape "
                         f"{out.shape}")
