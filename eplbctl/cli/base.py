@@ -174,7 +174,14 @@ class Terminal:
         self.err = Console(file=sys.stderr, **_console_options(sys.stderr))
 
     def table(self, table: Table) -> None:
-        self.out.print(table)
+        if self.out.is_terminal:
+            self.out.print(table)
+            return
+        # Off a terminal (pipes, files): rich pads every cell to the column width; strip the trailing
+        # blanks so `grep`/`awk`/diffs see clean rows.
+        with self.out.capture() as captured:
+            self.out.print(table)
+        click.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
     def line(self, text: str = "") -> None:
         # Plain echo: data lines must not be re-wrapped or styled by rich.

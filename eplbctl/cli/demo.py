@@ -45,13 +45,18 @@ class DemoFailed(CliError):
         super().__init__(f"demo failed: {message}", EXIT_FAILURE)
 
 
+def sim_command(args: list[str], endpoint: str) -> list[str]:
+    """The daemon's command line (a seam for tests, which run a protocol-shaped stand-in instead)."""
+    return [sys.executable, "-m", "eplbd.main", "sim", *args, "--endpoint", endpoint]
+
+
 class SimProcess:
     """``eplbd sim`` in its own session/process group, its output in a log file."""
 
     def __init__(self, workdir: Path, args: list[str]) -> None:
         self.log_path = workdir / "eplbd.log"
         self.endpoint = f"ipc://{workdir / 'control.sock'}"
-        cmd = [sys.executable, "-m", "eplbd.main", "sim", *args, "--endpoint", self.endpoint]
+        cmd = sim_command(args, self.endpoint)
         with open(self.log_path, "wb") as log:
             # start_new_session: the workers the launcher spawns share its group, so one killpg ends all.
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
