@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from eplbctl.layerspec import format_layers
+
 DEFAULT_HEAT_NAME = "deepseek_v3_prefill_in1024.npz"
 
 
@@ -151,8 +153,8 @@ def _drop_dense(heat: np.ndarray, layer_ids: list[int], notes: list[str]) -> tup
     if len(nonzero) == 0 or nonzero[0] == 0:
         return heat, layer_ids
     k = int(nonzero[0])
-    dropped = layer_ids[:k]
-    notes.append(f"dropped {k} leading all-zero layers as dense (model layers {dropped[0]}-{dropped[-1]}); "
+    dense = format_layers(layer_ids[:k])
+    notes.append(f"dropped {k} leading all-zero layers as dense (model layers {dense}); "
                  f"{len(layer_ids) - k} MoE layers remain")
     return heat[..., k:, :], layer_ids[k:]
 
