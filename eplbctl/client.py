@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping
 from types import TracebackType
@@ -158,9 +159,8 @@ class Client:
         """
         timeout = self.timeout_s if timeout_s is None else float(timeout_s)
         path = ipc_path(self.endpoint)
-        if path is not None and not os.path.exists(path):
-            # A missing socket file means no daemon: say so at once instead of waiting for a timeout.
-            raise DaemonUnavailable(f"no eplbd daemon at {self.endpoint} (is `eplbd sim` running?)")
+        if path is not None and self._socket is None:
+            self._probe_ipc(path)
         msg = make_request(name, content, self.session)
         sock = self._get_socket()
         try:
@@ -174,6 +174,29 @@ class Client:
             code, message = error
             raise DaemonError(code, message, reply)
         return reply
+
+    def _probe_ipc(self, path: str) -> None:
+        """Fail at once when nobody can listen at `path`, instead of waiting for the timeout.
+
+        A missing file means no daemon; a refused connection means the file of a daemon that died.
+        zmq itself would keep retrying silently in both cases.
+        """
+        if not os.path.exists(path):
+            raise DaemonUnavailable(f"no eplbd daemon at {self.endpoint} (is `eplbd sim` running?)")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            raise DaemonUnavailable(
+                f"no eplbd daemon at {self.endpoint} (is `eplbd sim` running?)"
+            ) from None
+        except PermissionError:
+            raise DaemonUnavailable(f"cannot connect to {self.endpoint}: permission denied") from None
+        except OSError:
+            pass  # let zmq try, and report a timeout if it fails too
+        finally:
+            probe.close()
 
     def _wait_reply(self, sock: zmq.Socket, msg_id: str, timeout: float) -> dict:
         deadline = time.monotonic() + timeout

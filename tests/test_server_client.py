@@ -241,6 +241,18 @@ def test_client_without_daemon_fails_immediately(endpoint) -> None:
     assert info.value.exit_code == 69 and isinstance(info.value, ClientError)
 
 
+def test_client_against_a_dead_daemons_socket_file_fails_immediately(tmp_path) -> None:
+    path = tmp_path / "dead.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()
+    with Client(f"ipc://{path}", timeout_s=5) as c:
+        t0 = time.monotonic()
+        with pytest.raises(DaemonUnavailable, match="no eplbd daemon at"):
+            c.request("status")
+    assert time.monotonic() - t0 < 0.2
+
+
 def test_client_timeout_is_unavailable_and_a_late_reply_is_never_taken_for_the_next(
     server: ControlServer,
 ) -> None:
