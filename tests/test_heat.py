@@ -278,11 +278,16 @@ def test_compact_missing_key_rejected(tmp_path: Path) -> None:
         load_heat(path)
 
 
-def test_default_heat_is_bundled_deepseek_prefill(shared_data: Path) -> None:
+def test_default_heat_is_bundled_deepseek_prefill() -> None:
     data = load_heat(default_heat_path())
     assert data.heat.shape == (58, 256)
     assert data.layer_ids == list(range(3, 61))
     assert "sglang issue 6017" in data.source
+    assert (data.heat.sum(axis=1) == 67_108_864).all()
+
+
+def test_default_heat_equals_its_shared_original(shared_data: Path) -> None:
+    data = load_heat(default_heat_path())
     original = load_heat(shared_data / "heat" / "deepseek_v3" / "prefill_in1024.json")
     assert np.array_equal(data.heat, original.heat)
 
