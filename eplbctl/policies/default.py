@@ -20,13 +20,11 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-from numba import njit
 
 from eplbctl.metrics import predicted_imbalance
 from eplbctl.policies.base import Param, Policy, PolicyResult, Topology, check_inputs, window_heat
 
 
-@njit(cache=True)
 def _before(key: np.ndarray, tie: np.ndarray, a: int, b: int) -> bool:
     """Heap order: (key asc, tie asc, index asc) -- a total order, so no tie is left to chance."""
     if key[a] != key[b]:
@@ -36,7 +34,6 @@ def _before(key: np.ndarray, tie: np.ndarray, a: int, b: int) -> bool:
     return a < b
 
 
-@njit(cache=True)
 def _sift_down(heap: np.ndarray, size: int, pos: int, key: np.ndarray, tie: np.ndarray) -> None:
     while True:
         child = 2 * pos + 1
@@ -50,7 +47,6 @@ def _sift_down(heap: np.ndarray, size: int, pos: int, key: np.ndarray, tie: np.n
         pos = child
 
 
-@njit(cache=True)
 def _push(heap: np.ndarray, size: int, item: int, key: np.ndarray, tie: np.ndarray) -> int:
     """Insert item into heap[:size] -> new size."""
     pos = size
@@ -64,7 +60,6 @@ def _push(heap: np.ndarray, size: int, item: int, key: np.ndarray, tie: np.ndarr
     return size + 1
 
 
-@njit(cache=True)
 def _pop(heap: np.ndarray, size: int, key: np.ndarray, tie: np.ndarray) -> int:
     """Remove heap[0] -> new size."""
     size -= 1
@@ -73,7 +68,6 @@ def _pop(heap: np.ndarray, size: int, key: np.ndarray, tie: np.ndarray) -> int:
     return size
 
 
-@njit(cache=True)
 def _replicate_rows(weight: np.ndarray, num_slots: int, cap: int) -> np.ndarray:
     """weight [M, K] float64 -> counts [M, K] int64 summing to num_slots per row, each in [1, cap].
 
@@ -100,7 +94,6 @@ def _replicate_rows(weight: np.ndarray, num_slots: int, cap: int) -> np.ndarray:
     return counts
 
 
-@njit(cache=True)
 def _pack_rows(
     weight: np.ndarray, ids: np.ndarray, counts: np.ndarray, num_bins: int, slots: int
 ) -> np.ndarray:
@@ -148,7 +141,6 @@ def _pack_rows(
     return out
 
 
-@njit(cache=True)
 def _holds(row: np.ndarray, used: int, expert: int) -> bool:
     for s in range(used):
         if row[s] == expert:
@@ -156,7 +148,6 @@ def _holds(row: np.ndarray, used: int, expert: int) -> bool:
     return False
 
 
-@njit(cache=True)
 def _make_room(out: np.ndarray, item_w: np.ndarray, load: np.ndarray, fill: np.ndarray,
                expert: int, slots: int) -> int:
     """Every bin with a free slot already holds `expert`: move one item out of a full bin that does not.
@@ -194,8 +185,28 @@ def _make_room(out: np.ndarray, item_w: np.ndarray, load: np.ndarray, fill: np.n
     return src
 
 
+_KERNELS = ("_before", "_sift_down", "_push", "_pop", "_replicate_rows", "_pack_rows", "_holds", "_make_room")
+_compiled = False
+
+
+def _jit() -> None:
+    """Compile the kernels above with numba on first use (cached on disk), so that importing the
+    registry (every CLI command) does not pay numba's import. Kernels call each other through these
+    module globals, which numba resolves when it compiles."""
+    global _compiled
+    if _compiled:
+        return
+    from numba import njit
+
+    module = globals()
+    for name in _KERNELS:
+        module[name] = njit(cache=True)(module[name])
+    _compiled = True
+
+
 def _place_rows(weight: np.ndarray, ids: np.ndarray, num_bins: int, slots: int) -> np.ndarray:
     """One pool per row: weight [M, K] heat of experts ids [M, K] (ascending per row) -> [M, bins, slots]."""
+    _jit()
     counts = _replicate_rows(weight, num_bins * slots, num_bins)  # [M, K]
     per_replica = weight / counts  # [M, K]
     order = np.lexsort((ids, -per_replica), axis=-1)  # (weight desc, id asc): a total order
@@ -233,6 +244,7 @@ def place_hierarchical(heat: np.ndarray, num_devices: int, slots: int, nodes: in
 
 def _place_rows_single(weight: np.ndarray, num_bins: int, slots: int) -> np.ndarray:
     """Balanced packing of single items: weight [M, K] with K = bins * slots -> item ids [M, bins, slots]."""
+    _jit()
     ids = np.broadcast_to(np.arange(weight.shape[1], dtype=np.int64), weight.shape)
     order = np.lexsort((ids, -weight), axis=-1)
     return _pack_rows(
