@@ -21,6 +21,7 @@ import queue
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[dict], dict]
 MAX_MESSAGE_BYTES = 16 << 20  # far above any real request; bounds what a peer can make us buffer
 _RECV_BATCH = 64  # requests read per wake-up before the socket thread sends the replies it holds
+_CLOSE_LINGER_MS = 200  # lets the last replies (shutdown's own) leave before the socket closes
 
 
 class ServerError(RuntimeError):
@@ -90,6 +92,7 @@ class ControlServer:
         self._replies: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
         self._pending = 0  # handled requests whose reply is not sent yet; socket thread only
         self._stopping = threading.Event()
+        self._grace_s = 1.0
         self._ctx: zmq.Context | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
@@ -150,20 +153,28 @@ class ControlServer:
             worker.start()
         log.info("control server listening on %s", self._bound)
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop serving, join the socket thread and remove the socket file. Idempotent."""
+    def stop(self, grace_s: float = 1.0, timeout_s: float = 5.0) -> None:
+        """Stop serving, join the socket thread and remove the socket file. Idempotent.
+
+        Requests already running get up to `grace_s` to finish and have their replies sent (the
+        `shutdown` reply above all: its handler only flags the shutdown, the owner then calls stop);
+        new requests meanwhile get 503.
+        """
         if self._thread is None:
             return
+        self._grace_s = grace_s
         self._stopping.set()
         self._wake()
-        self._thread.join(timeout_s)
+        self._thread.join(grace_s + timeout_s)
         if self._thread.is_alive():
-            log.warning("control server thread did not stop within %.1fs", timeout_s)
+            log.warning("control server thread did not stop within %.1fs", grace_s + timeout_s)
         for _ in self._pool:
             self._jobs.put(None)
         for worker in self._pool:
-            # A handler still running is abandoned (daemon thread); its reply goes nowhere.
-            worker.join(0.1)
+            # A handler still running is abandoned (daemon thread); its reply goes nowhere. A handler
+            # may itself call stop(): a thread cannot join itself.
+            if worker is not threading.current_thread():
+                worker.join(0.1)
         self._pool = []
         stuck = self._thread.is_alive()
         self._thread = None
@@ -249,14 +260,22 @@ class ControlServer:
         except Exception:
             log.exception("control server socket thread failed")
         finally:
-            router.close(linger=0)
+            router.close(linger=_CLOSE_LINGER_MS)
 
     def _serve(self, router: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        while not self._stopping.is_set():
-            events = dict(poller.poll())
+        deadline: float | None = None
+        while True:
+            timeout_ms = None
+            if self._stopping.is_set():
+                deadline = deadline if deadline is not None else time.monotonic() + self._grace_s
+                remaining = deadline - time.monotonic()
+                if self._pending <= 0 or remaining <= 0:
+                    break
+                timeout_ms = remaining * 1000
+            events = dict(poller.poll(timeout_ms))
             if router in events:
                 for _ in range(_RECV_BATCH):
                     try:
@@ -319,8 +338,7 @@ class ControlServer:
             return
         name = base_name(msg.msg_type)
         if name == "hello":
-            content = {"daemon": f"eplbd {__version__}", **self.info, "version": PROTOCOL_VERSION}
-            self._send(router, serialize(make_reply(msg, content, self.session), self.key))
+            self._send(router, self._call(self._hello, msg))
             return
         handler = self.handlers.get(name) if name is not None else None
         if handler is None:
@@ -328,12 +346,19 @@ class ControlServer:
                         f"unknown msg_type {msg.msg_type!r}",
                         {"known": sorted(f"{n}_request" for n in {"hello", *self.handlers})})
             return
+        if self._stopping.is_set():
+            self._error(router, msg.header, msg.identities, ErrorCode.UNAVAILABLE, "daemon is shutting down")
+            return
         if self._pending >= self.max_pending:
             self._error(router, msg.header, msg.identities, ErrorCode.UNAVAILABLE,
                         f"daemon busy: {self._pending} requests in progress, try again")
             return
         self._pending += 1
         self._jobs.put((handler, msg))
+
+    def _hello(self, content: dict) -> dict:
+        # Read at every hello: the owner fills `info` in once the deployment knows its sizes.
+        return {"daemon": f"eplbd {__version__}", **self.info, "version": PROTOCOL_VERSION}
 
     # -- worker threads ----------------------------------------------------------------------------
 
