@@ -1,0 +1,392 @@
+"""The coordinator's control plane: request handlers for the control server, and the agent's hooks.
+
+The control server's threads call the handlers; the agent (forward thread of rank 0) calls the
+`on_*` hooks at ticks and takes queued commands with `next_command`. The two sides share only
+immutable snapshots, the job table and the command queue, under one lock: no handler ever touches a
+device tensor or waits on the forward path.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from eplbd.aggregator import HeatHistory
+from eplbd.faults import Faults
+from eplbd.planner import PlanJob, Planner, PlannerError
+from eplbd.profiler import JobProfile, layer_outcomes
+
+from eplbctl.metrics import measured_imbalance, predicted_imbalance, summarize
+from eplbctl.policies import get_policy
+from eplbctl.policies.base import PolicyError, Topology
+from eplbctl.protocol import RequestError
+
+log = logging.getLogger("eplbd.control")
+SETTLE_TICKS = 2        # ticks after a job before its measured result is reported
+PROFILE_KEEP = 50
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    step: int
+    tick: int
+    placement: np.ndarray      # [L, N, S]
+    slot_window: np.ndarray    # [L, N, S] counts since each layer's last change (within the window)
+    heat_window: np.ndarray    # [L, E] logical heat over the window
+    ticks_per_layer: np.ndarray
+    last_change: np.ndarray    # [L] step of the last change, -1 never
+
+
+class Control:
+    def __init__(self, topo: Topology, num_experts: int, window_ticks: int, tokens_per_step: int,
+                 layers_per_step: int, expert_bytes: int, memory: dict, planner: Planner,
+                 policy: str = "default", threshold: float = 1.1, faults: Faults | None = None,
+                 layer_ids: list[int] | None = None) -> None:
+        self.topo = topo
+        self.num_experts = num_experts
+        self.tokens_per_step = tokens_per_step
+        self.layers_per_step = layers_per_step
+        self.expert_bytes = expert_bytes
+        self.memory = memory
+        self.planner = planner
+        self.policy, self.params, self.threshold = policy, {}, threshold
+        self.faults = faults or Faults([])
+        self.layer_ids = layer_ids
+        self.history: HeatHistory | None = None
+        self.window_ticks = window_ticks
+        self._lock = threading.Lock()
+        self._commands: collections.deque[dict] = collections.deque()
+        self._snapshot: Snapshot | None = None
+        self._last_change: np.ndarray | None = None
+        self._tick_count = 0
+        self._jobs: dict[int, dict] = {}
+        self._profiles: dict[int, JobProfile] = {}
+        self._records: collections.deque[dict] = collections.deque(maxlen=PROFILE_KEEP)
+        self._active: int | None = None
+        self._planning = False
+        self._job_ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
+        self._probe: dict[str, Any] = {}
+        self._probe_waiters: dict[int, threading.Event] = {}
+        self._predicted: tuple[int, str, np.ndarray] | None = None
+        self.fault: str | None = None
+        self.events: collections.deque[str] = collections.deque(maxlen=20)
+        self.shutdown = threading.Event()
+        self.step = 0
+
+    # ---- hooks called by the agent on rank 0 ------------------------------------------------------
+
+    def on_tick(self, step: int, steps: int, slot_counts: np.ndarray, placement_in_force: np.ndarray,
+                placement_now: np.ndarray, stats: np.ndarray, gather_s: float, job_id: int | None) -> None:
+        L = slot_counts.shape[0]
+        if self.history is None:
+            self.history = HeatHistory(L, self.num_experts, self.window_ticks)
+            self._last_change = np.full(L, -1, dtype=np.int64)
+        self.history.add(step, steps, slot_counts, placement_in_force)
+        outcomes = layer_outcomes(stats, self.layers_per_step)
+        with self._lock:
+            self._tick_count += 1
+            self.step = step
+            for out in outcomes:
+                self._on_layer(job_id, out, step)
+            if any(out.ok for out in outcomes):
+                self._last_change[[o.layer for o in outcomes if o.ok]] = step
+            slots, heat = self._windows()
+            self._snapshot = Snapshot(step, self._tick_count, placement_now.copy(), slots, heat[0],
+                                      heat[1], self._last_change.copy())
+            self._settle_jobs()
+            self._gather_s = gather_s
+
+    def _windows(self) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        slots, _, ticks = self.history.window(self._last_change)
+        return slots, (self.history.full_window_heat(), ticks)
+
+    def _on_layer(self, job_id: int | None, out: Any, step: int) -> None:
+        job = self._jobs.get(job_id) if job_id is not None else None
+        if job is None:
+            return
+        profile = self._profiles[job_id]
+        profile.per_layer.append(out.figures)
+        if out.ok:
+            job["done_layers"].append(out.layer)
+            if len(job["done_layers"]) == len(job["layers"]):
+                self._finish(job, "done", step, None)
+        else:
+            why = "; ".join(out.errors) or "a rank reported a failure"
+            self._finish(job, "failed", step, f"layer {out.layer} aborted on every rank ({why}); "
+                                              "placement unchanged for the remaining layers")
+
+    def _finish(self, job: dict, state: str, step: int, error: str | None) -> None:
+        job.update(state=state, finished_step=step, error=error)
+        self._records.append(self._profiles[job["job_id"]].record(time.perf_counter()))
+        self._active = None
+        if error:
+            self.events.append(f"step {step}: job {job['job_id']}: {error}")
+
+    def _settle_jobs(self) -> None:
+        snap = self._snapshot
+        for job in self._jobs.values():
+            if job["state"] != "done" or job["measured_after"] is not None:
+                continue
+            if np.all(snap.ticks_per_layer[job["layers"]] >= SETTLE_TICKS):
+                measured = measured_imbalance(snap.slot_window)
+                job["measured_after"] = {str(la): float(measured[la]) for la in job["layers"]}
+
+    def on_job_started(self, job_id: int, step: int) -> None:
+        with self._lock:
+            job = self._jobs[job_id]
+            job.update(state="transferring", started_step=step)
+            self._profiles[job_id].started_at = time.perf_counter()
+
+    def on_probe(self, step: int, combined: str, baseline: bool, sums: np.ndarray, expert_sums: np.ndarray,
+                 request_id: int | None) -> None:
+        """sums [L, N, S, T] live slot checksums; expert_sums [L, E, T] what each expert must hash to."""
+        placement = self._snapshot.placement if self._snapshot is not None else None
+        with self._lock:
+            if baseline:
+                self._probe["baseline"] = combined
+                self._probe["placement"] = None
+            self._probe.update(current=combined, step=step, sums=sums, expert_sums=expert_sums)
+            if placement is not None:
+                expect = np.take_along_axis(expert_sums[:, None, :, :].repeat(placement.shape[1], 1),
+                                            placement[..., None], axis=2)
+                self._probe["weights_ok"] = bool(np.array_equal(expect, sums))
+            event = self._probe_waiters.pop(request_id, None) if request_id is not None else None
+        if event is not None:
+            event.set()
+
+    def next_command(self) -> dict | None:
+        with self._lock:
+            return self._commands.popleft() if self._commands else None
+
+    def set_fault(self, message: str) -> None:
+        with self._lock:
+            self.fault = message
+            self.events.append(message)
+            if self._active is not None:
+                job = self._jobs[self._active]
+                job.update(state="failed", error=message)
+                self._active = None
+
+    # ---- request handlers (control server threads) --------------------------------------------------
+
+    def handlers(self) -> dict[str, Any]:
+        return {"status": self.status, "rebalance": self.rebalance, "job": self.job, "profile": self.profile,
+                "verify": self.verify, "inspect": self.inspect, "shutdown": self.request_shutdown}
+
+    def _require_snapshot(self) -> Snapshot:
+        snap = self._snapshot
+        if snap is None:
+            raise RequestError(503, "no heat recorded yet; try again after the first control tick")
+        return snap
+
+    def _transfer_state(self) -> str:
+        if self.fault:
+            return "failed"
+        if self._planning:
+            return "planning"
+        return "transferring" if self._active is not None else "idle"
+
+    def status(self, content: dict) -> dict:
+        snap = self._require_snapshot()
+        L = snap.placement.shape[0]
+        layers = _layer_list(content.get("layers"), L) or list(range(L))
+        measured = measured_imbalance(snap.slot_window)
+        current = predicted_imbalance(snap.placement, snap.heat_window)
+        predicted = self._predicted_after(snap)
+        counts = _replicas(snap.placement, self.num_experts)
+        rows = []
+        for la in layers:
+            rows.append({"layer": la, "model_layer": self.layer_ids[la] if self.layer_ids else la,
+                         "measured": float(measured[la]), "current": float(current[la]),
+                         "predicted": None if predicted is None else float(predicted[la]),
+                         "replicated": int((counts[la] > 1).sum()), "max_replicas": int(counts[la].max()),
+                         "last_change_step": None if snap.last_change[la] < 0 else int(snap.last_change[la]),
+                         "window_tokens": int(snap.slot_window[la].sum())})
+        with self._lock:
+            job = dict(self._jobs[self._active]) if self._active is not None else None
+        return {"step": snap.step, "steps_recorded": self.history.steps_recorded,
+                "tokens_per_step": self.tokens_per_step, "window_steps": self._window_steps(),
+                "ranks": self.topo.num_devices, "experts": self.num_experts,
+                "slots_per_device": self.topo.slots_per_device, "policy": self.policy,
+                "threshold": self.threshold, "transfer": self._transfer_state(), "job": job,
+                "fault": self.fault, "events": list(self.events),
+                "summary": {"measured": summarize(measured[layers]),
+                            "current": summarize(current[layers]),
+                            "predicted": None if predicted is None else summarize(predicted[layers])},
+                "layers": rows}
+
+    def _window_steps(self) -> int:
+        return sum(t.steps for t in self.history.ticks) if self.history else 0
+
+    def _predicted_after(self, snap: Snapshot) -> np.ndarray | None:
+        cached = self._predicted
+        if cached is not None and cached[0] == snap.tick and cached[1] == self.policy:
+            return cached[2]
+        try:
+            placement, _ = self.planner.plan(self._plan_job(snap, None, self.policy, self.params, 0.0),
+                                             blocking=False)
+        except PlannerError:
+            return cached[2] if cached is not None else None
+        if placement is None:        # the planner is busy with a rebalance: show the last figure
+            return cached[2] if cached is not None else None
+        predicted = predicted_imbalance(placement, snap.heat_window)
+        self._predicted = (snap.tick, self.policy, predicted)
+        return predicted
+
+    def _plan_job(self, snap: Snapshot, layers: list[int] | None, policy: str, params: dict,
+                  min_gain: float, fault: str | None = None) -> PlanJob:
+        topo = {"num_devices": self.topo.num_devices, "slots_per_device": self.topo.slots_per_device,
+                "num_nodes": self.topo.num_nodes, "num_groups": self.topo.num_groups}
+        return PlanJob(policy, params, snap.heat_window, snap.placement, topo, layers, min_gain,
+                       self.expert_bytes, fault)
+
+    def rebalance(self, content: dict) -> dict:
+        snap = self._require_snapshot()
+        if self.fault:
+            raise RequestError(503, f"the deployment has failed: {self.fault}")
+        L = snap.placement.shape[0]
+        policy = _str_field(content, "policy") or self.policy
+        params = content.get("params") or {}
+        if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
+            raise RequestError(400, "params must be a map of strings")
+        try:
+            get_policy(policy, params)
+        except PolicyError as exc:
+            raise RequestError(422, str(exc)) from None
+        threshold = content.get("threshold")
+        threshold = self.threshold if threshold is None else _threshold(threshold)
+        dry_run = bool(content.get("dry_run", False))
+        measured = measured_imbalance(snap.slot_window)
+        if content.get("auto"):
+            layers = [la for la in range(L) if measured[la] > threshold]
+        else:
+            layers = _layer_list(content.get("layers"), L)
+            if not layers:
+                raise RequestError(422, "no layers given: use layers or auto")
+        with self._lock:
+            if not dry_run and (self._active is not None or self._planning):
+                raise RequestError(409, "a redeployment is already running" +
+                                   (f" (job {self._active})" if self._active is not None else " (planning)"))
+            if not dry_run:
+                self._planning = True
+        try:
+            fault = None if dry_run else self.faults.policy_fault()
+            try:
+                placement, report = self.planner.plan(self._plan_job(snap, layers, policy, params, 0.0, fault))
+            except PlannerError as exc:
+                self.events.append(f"step {snap.step}: {exc}")
+                raise RequestError(500, str(exc)) from None
+            if dry_run:
+                return {"plan": report}
+            return {"job": self._queue_job(snap, layers, placement, report, measured)}
+        finally:
+            if not dry_run:
+                with self._lock:
+                    self._planning = False
+
+    def _queue_job(self, snap: Snapshot, layers: list[int], placement: np.ndarray, report: dict,
+                   measured: np.ndarray) -> dict:
+        changed = [row["layer"] for row in report["layers"] if row["change"]]
+        job_id = next(self._job_ids)
+        job = {"job_id": job_id, "state": "queued" if changed else "nochange", "layers": changed,
+               "requested_layers": layers, "done_layers": [], "error": None, "plan": report,
+               "measured_before": {str(la): float(measured[la]) for la in layers},
+               "measured_after": None, "started_step": None, "finished_step": None}
+        with self._lock:
+            self._jobs[job_id] = job
+            if changed:
+                profile = JobProfile(job_id, changed, gather_s=getattr(self, "_gather_s", 0.0),
+                                     policy_s=float(report["seconds"]))
+                self._profiles[job_id] = profile
+                self._active = job_id
+                self._commands.append({"op": "redeploy", "job_id": job_id, "layers": changed,
+                                       "rows": placement[changed].reshape(-1).tolist()})
+            return dict(job)
+
+    def job(self, content: dict) -> dict:
+        job_id = content.get("job_id")
+        if not isinstance(job_id, int) or isinstance(job_id, bool):
+            raise RequestError(400, "job_id must be an integer")
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise RequestError(422, f"no job {job_id}")
+            return {"job": dict(job)}
+
+    def profile(self, content: dict) -> dict:
+        last = content.get("last", 10)
+        if not isinstance(last, int) or isinstance(last, bool) or last < 1:
+            raise RequestError(400, "last must be a positive integer")
+        with self._lock:
+            records = list(self._records)[-last:]
+        return {"records": records, "memory": dict(self.memory), "events": list(self.events)}
+
+    def _run_probe(self, timeout_s: float = 60.0) -> dict:
+        if self.fault:
+            raise RequestError(503, f"the deployment has failed: {self.fault}")
+        request_id = next(self._request_ids)
+        event = threading.Event()
+        with self._lock:
+            self._probe_waiters[request_id] = event
+            self._commands.append({"op": "verify", "request_id": request_id})
+        if not event.wait(timeout_s):
+            raise RequestError(503, f"the deployment did not run the check within {timeout_s:g}s")
+        with self._lock:
+            return dict(self._probe)
+
+    def verify(self, content: dict) -> dict:
+        probe = self._run_probe()
+        return {"baseline": probe["baseline"], "current": probe["current"], "step": probe["step"],
+                "weights_ok": probe.get("weights_ok", False),
+                "ok": probe["baseline"] == probe["current"] and probe.get("weights_ok", False)}
+
+    def inspect(self, content: dict) -> dict:
+        snap = self._require_snapshot()
+        layer = content.get("layer")
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < snap.placement.shape[0]:
+            raise RequestError(422, f"layer must be an integer in 0-{snap.placement.shape[0] - 1}")
+        probe = self._run_probe()
+        return {"layer": layer, "step": probe["step"], "phy2log": snap.placement[layer].tolist(),
+                "checksums": probe["sums"][layer].tolist()}
+
+    def request_shutdown(self, content: dict) -> dict:
+        with self._lock:
+            self._commands.append({"op": "shutdown"})
+        self.shutdown.set()
+        return {}
+
+
+def _replicas(placement: np.ndarray, num_experts: int) -> np.ndarray:
+    from eplbctl.placement import replica_counts
+    return replica_counts(placement, num_experts)
+
+
+def _str_field(content: dict, key: str) -> str | None:
+    value = content.get(key)
+    if value is not None and not isinstance(value, str):
+        raise RequestError(400, f"{key} must be a string")
+    return value
+
+
+def _threshold(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value < 1.0:
+        raise RequestError(422, f"threshold must be a number >= 1.0 (imbalance is max/mean), got {value!r}")
+    return float(value)
+
+
+def _layer_list(value: Any, num_layers: int) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise RequestError(400, "layers must be a list of integers")
+    bad = [v for v in value if not 0 <= v < num_layers]
+    if bad:
+        raise RequestError(422, f"layer {bad[0]} out of range 0-{num_layers - 1}")
+    return sorted(set(value))

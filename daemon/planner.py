@@ -1,0 +1,132 @@
+"""The placement policy, run in a child process with a timeout.
+
+A policy that raises, crashes or hangs must never leave the workers waiting for a plan: the parent
+waits at most `timeout_s`, kills a child that overran, and answers "no change" with the error.
+The next request starts a fresh child.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("eplbd.planner")
+
+
+class PlannerError(RuntimeError):
+    """The policy failed, crashed or timed out; the placement stays as it is."""
+
+
+@dataclass(frozen=True)
+class PlanJob:
+    policy: str
+    params: dict[str, str]
+    heat: np.ndarray            # [L, E] or [T, L, E]
+    current: np.ndarray         # [L, N, S]
+    topology: dict[str, Any]    # Topology fields
+    layers: list[int] | None
+    min_gain: float
+    bytes_per_expert: int
+    fault: str | None = None    # fault injection: "raise" | "hang" | "crash"
+
+
+def run_plan(job: PlanJob) -> tuple[np.ndarray, dict]:
+    """Compute a plan in this process -> (placement [L, N, S], PlanReport dict)."""
+    from eplbctl.planning import make_plan
+    from eplbctl.policies import get_policy
+    from eplbctl.policies.base import Topology
+
+    if job.fault == "raise":
+        raise RuntimeError("injected policy failure")
+    if job.fault == "hang":
+        time.sleep(3600)
+    if job.fault == "crash":
+        os._exit(3)
+    policy = get_policy(job.policy, job.params)
+    plan = make_plan(job.heat, job.current, Topology(**job.topology), policy, layers=job.layers,
+                     min_gain=job.min_gain, bytes_per_expert=job.bytes_per_expert)
+    return plan.placement, plan.to_report()
+
+
+def _child_main(conn: Any) -> None:
+    # Warm the imports (numpy, scipy, numba caches) before the first request arrives.
+    import eplbctl.planning
+    import eplbctl.policies  # noqa: F401
+
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send(("ok", run_plan(job)))
+        except Exception as exc:  # the parent turns this into "no change" plus an error event
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class Planner:
+    """Parent side: one request at a time, each bounded by `timeout_s`."""
+
+    def __init__(self, timeout_s: float = 30.0) -> None:
+        self.timeout_s = timeout_s
+        self._ctx = mp.get_context("spawn")
+        self._lock = threading.Lock()
+        self._proc: Any = None
+        self._conn: Any = None
+
+    def start(self) -> None:
+        with self._lock:
+            self._ensure_child()
+
+    def _ensure_child(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            return
+        self._discard()
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_child_main, args=(child,), name="eplbd-planner", daemon=True)
+        proc.start()
+        child.close()
+        self._proc, self._conn = proc, parent
+
+    def _discard(self) -> None:
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._proc.join(timeout=5)
+        if self._conn is not None:
+            self._conn.close()
+        self._proc = self._conn = None
+
+    def plan(self, job: PlanJob, blocking: bool = True) -> tuple[np.ndarray | None, dict | None]:
+        """-> (placement, report); (None, None) when not blocking and another plan is running."""
+        if not self._lock.acquire(blocking=blocking):
+            return None, None
+        try:
+            self._ensure_child()
+            try:
+                self._conn.send(job)
+                if not self._conn.poll(self.timeout_s):
+                    self._discard()
+                    raise PlannerError(f"policy {job.policy} did not answer within {self.timeout_s:g}s; "
+                                       "it was stopped and the placement is unchanged")
+                status, value = self._conn.recv()
+            except (EOFError, OSError, BrokenPipeError) as exc:
+                self._discard()
+                raise PlannerError(f"policy {job.policy} process died ({type(exc).__name__}); "
+                                   "the placement is unchanged") from None
+        finally:
+            self._lock.release()
+        if status != "ok":
+            raise PlannerError(f"policy {job.policy} failed: {value}")
+        return value
+
+    def close(self) -> None:
+        with self._lock:
+            self._discard()
