@@ -86,12 +86,13 @@ def _select_layers(layers: list[int] | None, num_layers: int) -> np.ndarray:
     return np.unique(sel).astype(np.int64)
 
 
-def _membership(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
-    """phy2log [L, N, S] -> one-hot device membership [L, N, E] float64."""
-    num_layers, num_devices, _ = phy2log.shape
-    out = np.zeros((num_layers, num_devices, num_experts))
-    np.put_along_axis(out, phy2log, 1.0, axis=2)
-    return out
+def _overlap(new: np.ndarray, current: np.ndarray, num_experts: int) -> np.ndarray:
+    """new, current [L, N, S] -> overlap [L, N, N]: experts new device i shares with current device j."""
+    num_layers, num_devices, _ = current.shape
+    layer = np.arange(num_layers)[:, None, None]
+    held = np.zeros((num_layers, num_experts, num_devices), dtype=np.uint8)  # [L, E, N] current holders
+    held[layer, current, np.arange(num_devices)[None, :, None]] = 1
+    return held[layer, new].sum(axis=2, dtype=np.int64)  # [L, N, S, N] -> [L, N, N]
 
 
 def _assign(overlap: np.ndarray) -> np.ndarray:
@@ -115,7 +116,7 @@ def match_devices(new: np.ndarray, current: np.ndarray, num_experts: int, nodes:
     hierarchical placement stays hierarchical.
     """
     num_layers, num_devices, _ = new.shape
-    overlap = _membership(new, num_experts) @ _membership(current, num_experts).transpose(0, 2, 1)  # [L,N,N]
+    overlap = _overlap(new, current, num_experts)  # [L, N, N]
     k = nodes or 1
     per = num_devices // k
     out = np.empty_like(new)
