@@ -210,14 +210,10 @@ def _place_rows(weight: np.ndarray, ids: np.ndarray, num_bins: int, slots: int) 
     counts = _replicate_rows(weight, num_bins * slots, num_bins)  # [M, K]
     per_replica = weight / counts  # [M, K]
     order = np.lexsort((ids, -per_replica), axis=-1)  # (weight desc, id asc): a total order
-    take = lambda a: np.take_along_axis(a, order, axis=-1)  # noqa: E731
-    return _pack_rows(
-        np.ascontiguousarray(take(per_replica)),
-        np.ascontiguousarray(take(ids)),
-        np.ascontiguousarray(take(counts)),
-        num_bins,
-        slots,
+    sorted_w, sorted_ids, sorted_counts = (
+        np.ascontiguousarray(np.take_along_axis(a, order, axis=-1)) for a in (per_replica, ids, counts)
     )
+    return _pack_rows(sorted_w, sorted_ids, sorted_counts, num_bins, slots)
 
 
 def place_global(heat: np.ndarray, num_devices: int, slots: int) -> np.ndarray:
