@@ -28,7 +28,7 @@ def run(*args: str) -> Result:
 
 
 def test_plan_bundled_heat() -> None:
-    result = run("plan", "--heat", str(default_heat_path()), "--devices", "8", "--redundant", "16")
+    result = run("plan", "--devices", "8", "--redundant", "16")  # the bundled heat is the default
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].endswith(": 58 MoE layers x 256 experts on 8 devices x 34 slots (16 redundant)")

@@ -136,7 +136,7 @@ def run_demo(term: Terminal, obj: CliContext, sim: SimProcess) -> None:
         wait_for(lambda: has_heat(obj), HEAT_TIMEOUT_S, "heat on every layer")
     before = show_status(term, obj, "status")
 
-    from eplbctl.cli.rebalance import show_plan, wait_for_job
+    from eplbctl.cli.rebalance import report_job, show_plan, wait_for_job
 
     worst = sorted(before["layers"], key=lambda r: (-float(r["measured"]), int(r["layer"])))[:WORST_LAYERS]
     layers = sorted(int(r["layer"]) for r in worst)
@@ -148,7 +148,7 @@ def run_demo(term: Terminal, obj: CliContext, sim: SimProcess) -> None:
     job = wait_for_job(obj, term, job, quiet=False)
     if job["state"] == "failed":
         raise DemoFailed(f"job {job['job_id']} failed: {job.get('error')}")
-    term.line(f"job {job['job_id']} {job['state']}: layers moved {job.get('done_layers')}")
+    report_job(term, job, as_json=False, show_job_plan=False)
     if job["state"] == "done":
         # Measured imbalance restarts at a layer's change: wait for fresh tokens before showing it.
         wait_for(lambda: has_heat(obj, layers), HEAT_TIMEOUT_S, "heat after the redeployment")

@@ -54,9 +54,9 @@ def _current(path: Path | None, num_layers: int, num_experts: int, devices: int,
 
 
 @click.command()
-@click.option("--heat", "heat_path", required=True, metavar="FILE",
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Heat file (SGLang logical_count JSON/.pt, Qwen counts JSON, JSONL, .npz).")
+@click.option("--heat", "heat_path", metavar="FILE", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Heat file (SGLang logical_count JSON/.pt, Qwen counts JSON, JSONL, .npz); "
+                   "default: the bundled DeepSeek-V3 prefill_in1024 heat.")
 @click.option("--current", "current_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               metavar="MAP", help="Current placement (ascend or SGLang map); default: contiguous.")
 @click.option("--devices", type=click.IntRange(min=1), required=True, metavar="N", help="EP ranks.")
@@ -79,7 +79,7 @@ def _current(path: Path | None, num_layers: int, num_experts: int, devices: int,
               help="Format of --out.")
 @json_option
 @handle_errors
-def plan(heat_path: Path, current_path: Path | None, devices: int, redundant: int | None, slots: int | None,
+def plan(heat_path: Path | None, current_path: Path | None, devices: int, redundant: int | None, slots: int | None,
          nodes: int | None, groups: int | None, spec: str | None, policy_name: str, params: tuple[str, ...],
          threshold: float, bytes_per_expert: int, out: Path | None, fmt: str, as_json: bool) -> None:
     """Plan a placement offline from a heat file and show predicted imbalance before/after."""
@@ -89,7 +89,7 @@ def plan(heat_path: Path, current_path: Path | None, devices: int, redundant: in
         raise click.UsageError("--nodes and --groups go together (hierarchical placement)")
     param_dict = parse_params(params)
 
-    from eplbctl.heat import load_heat
+    from eplbctl.heat import default_heat_path, load_heat
     from eplbctl.planning import make_plan
     from eplbctl.policies import PolicyError, Topology, get_policy
     from eplbctl.policies.base import check_topology
@@ -98,7 +98,7 @@ def plan(heat_path: Path, current_path: Path | None, devices: int, redundant: in
         policy = get_policy(policy_name, param_dict)
     except PolicyError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
-    heat = load_heat(heat_path)
+    heat = load_heat(heat_path if heat_path is not None else default_heat_path())
     term = Terminal()
     for note in heat.notes:
         term.note(f"eplbctl: note: {note}")

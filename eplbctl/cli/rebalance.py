@@ -179,7 +179,7 @@ def rebalance(obj: CliContext, spec: str | None, auto: bool, threshold: float | 
             term.line(f"job {field(job, 'job_id')} {job.get('state')}; follow it with 'eplbctl status'")
         return
     job = wait_for_job(obj, term, job, quiet=False)
-    _report(term, job, as_json, show_job_plan=yes and not as_json)
+    report_job(term, job, as_json, show_job_plan=yes and not as_json)
 
 
 def _confirm(question: str) -> bool:
@@ -197,7 +197,7 @@ def _finish_nochange(term: Terminal, as_json: bool, message: str) -> None:
         term.line(message)
 
 
-def _report(term: Terminal, job: dict[str, Any], as_json: bool, show_job_plan: bool) -> None:
+def report_job(term: Terminal, job: dict[str, Any], as_json: bool, show_job_plan: bool) -> None:
     # With --yes no preview was shown, so the job's plan is printed with the result.
     state = job.get("state")
     if as_json:
