@@ -12,11 +12,19 @@ from typing import Any
 
 from eplbctl.policies.base import Param, Policy, PolicyError, PolicyResult, Topology
 from eplbctl.policies.default import DefaultPolicy
+from eplbctl.policies.exact import ExactPolicy
+from eplbctl.policies.flashlb import FlashLBPolicy
+from eplbctl.policies.random import RandomPolicy
+from eplbctl.policies.swift import SwiftPolicy
 
 ENTRY_POINT_GROUP = "eplbctl.policies"
 
 REGISTRY: dict[str, type[Policy]] = {
     DefaultPolicy.name: DefaultPolicy,
+    ExactPolicy.name: ExactPolicy,
+    FlashLBPolicy.name: FlashLBPolicy,
+    RandomPolicy.name: RandomPolicy,
+    SwiftPolicy.name: SwiftPolicy,
 }
 
 
