@@ -179,7 +179,7 @@ def make_plan(
         raise PolicyError(f"policy {policy.name!r} failed: {type(exc).__name__}: {exc}") from exc
     result = check_result(result, num_experts, sub_current.shape, policy.name)
 
-    nodes = topo.num_nodes if result.mode == "hierarchical" else None
+    nodes = topo.num_nodes if result.mode.startswith(("hierarchical", "relaxed")) else None
     finished = keep_slots(match_devices(result.placement, sub_current, num_experts, nodes), sub_current)
     before = predicted_imbalance(sub_current, window[sel])
     after = predicted_imbalance(finished, window[sel])
