@@ -60,23 +60,26 @@ def translate(exc: BaseException, *, not_running: int | None = None, unknown: in
     ``not_running``/``unknown`` let `status` use its LSB codes (3 and 4) instead of sysexits.
     The client's errors carry their own exit code (``.exit_code``); we keep it unless told otherwise.
     """
-    # Imported here so that `eplbctl policy list` or `completion` never load ZeroMQ.
-    from eplbctl.client import ClientError, DaemonError, DaemonUnavailable
-
     if isinstance(exc, CliError):
         return exc
     message = _one_line(str(exc)) or type(exc).__name__
-    if isinstance(exc, DaemonUnavailable):
-        return CliError(message, not_running if not_running is not None else _code(exc, EXIT_UNAVAILABLE))
-    if isinstance(exc, DaemonError):
+    if _is_client_error(exc):
+        from eplbctl.client import DaemonUnavailable
+
+        if isinstance(exc, DaemonUnavailable):
+            return CliError(message, not_running if not_running is not None else _code(exc, EXIT_UNAVAILABLE))
         return CliError(message, unknown if unknown is not None else _code(exc, EXIT_SOFTWARE))
-    if isinstance(exc, ClientError):
-        return CliError(message, unknown if unknown is not None else _code(exc, EXIT_UNAVAILABLE))
     if isinstance(exc, UnexpectedReply):
         return CliError(message, unknown if unknown is not None else EXIT_PROTOCOL)
     if isinstance(exc, ValueError):
         return CliError(message, EXIT_DATAERR)
     return CliError(message, EXIT_SOFTWARE)
+
+
+def _is_client_error(exc: BaseException) -> bool:
+    # If eplbctl.client was never imported, nothing raised a ClientError: no need to load ZeroMQ to check.
+    client = sys.modules.get("eplbctl.client")
+    return client is not None and isinstance(exc, client.ClientError)
 
 
 def _code(exc: BaseException, default: int) -> int:
@@ -271,9 +274,7 @@ def handle_errors(func: F) -> F:
         except UnexpectedReply as exc:
             raise translate(exc) from exc
         except Exception as exc:
-            from eplbctl.client import ClientError
-
-            if isinstance(exc, ClientError | ValueError):
+            if _is_client_error(exc) or isinstance(exc, ValueError):
                 raise translate(exc) from exc
             raise
 
