@@ -4,9 +4,10 @@ Model (per layer; heat scaled to max 1 for the solver):
   y[e, k] in {0, 1}     expert e has exactly k replicas (k = 1..K, K = min(N, P - E + 1))
   z[e, n, k] in {0, 1}  device n holds a replica of e and e has k replicas
   sum_k y[e, k] = 1;  sum_n z[e, n, k] = k y[e, k];  sum_k z[e, n, k] <= 1 (one replica per device);
-  sum_{e,k} z[e, n, k] = S;  load_n = sum_{e,k} h_e / k z[e, n, k] <= M;  load_n >= load_{n+1} (symmetry)
+  sum_{e,k} z[e, n, k] = S;  load_n = sum_{e,k} h_e / k z[e, n, k] <= M
   minimize M.
-Instances with more than ``max_vars`` binaries are refused with the size and the limit in the message.
+Optimal means within HiGHS's relative gap (1e-4). flashlb's placement seeds the cut M <= its peak and is
+kept when the MILP finds nothing better. Instances with more than ``max_vars`` binaries are refused.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
-from eplbctl.metrics import predicted_imbalance
+from eplbctl.metrics import device_loads, predicted_imbalance
 from eplbctl.policies.base import Param, Policy, PolicyError, PolicyResult, Topology, check_inputs, window_heat
+from eplbctl.policies.joint import solve_layers
+
+_GAP = 1e-4  # HiGHS's default relative MIP gap: "optimal" means within this share of the bound
 
 
 class ExactTooLarge(PolicyError):
@@ -31,8 +35,11 @@ def milp_size(num_experts: int, num_devices: int, slots: int) -> int:
     return num_experts * num_devices * k + num_experts * k
 
 
-def solve_exact(h: np.ndarray, num_devices: int, slots: int, time_limit: float) -> tuple[np.ndarray, bool]:
-    """h [E] -> (assign [N, S], proven optimal). Raises PolicyError when HiGHS finds no solution."""
+def solve_exact(h: np.ndarray, num_devices: int, slots: int, time_limit: float,
+                incumbent: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+    """h [E] -> (assign [N, S], proven optimal). ``incumbent`` [N, S]: a known placement whose peak cuts M;
+    it is returned when HiGHS finds nothing at least as good (proven optimal when its bound meets it).
+    Raises PolicyError when HiGHS finds no solution and there is no incumbent."""
     num_experts = len(h)
     cap = min(num_devices, num_devices * slots - num_experts + 1)
     scale = h.max() if h.max() > 0 else 1.0
@@ -71,17 +78,26 @@ def solve_exact(h: np.ndarray, num_devices: int, slots: int, time_limit: float) 
     for n in range(num_devices):
         add([(zi(e, n, k), 1.0) for e in range(num_experts) for k in ks], slots, slots)
         add([*load[n], (nvar - 1, -1.0)], -np.inf, 0)
-        if n + 1 < num_devices:
-            add(load[n] + [(c, -v) for c, v in load[n + 1]], 0, np.inf)
     matrix = coo_matrix((vals, (rows, cols)), shape=(r, nvar)).tocsr()
     cost = np.zeros(nvar)
     cost[-1] = 1.0
     integrality = np.ones(nvar)
     integrality[-1] = 0
-    upper = np.ones(nvar)
-    upper[-1] = np.inf
+    high = np.ones(nvar)
+    upper = np.inf
+    if incumbent is not None:
+        upper = float(device_loads(incumbent[None], h[None]).max()) / scale
+    if upper <= hs.sum() / num_devices * (1 + _GAP):  # the incumbent meets the mean bound: done
+        return incumbent, True
+    high[-1] = upper * (1 + 1e-9) + 1e-12
+    low = np.zeros(nvar)
+    low[-1] = hs.sum() / num_devices  # the mean device load
     res = milp(cost, constraints=LinearConstraint(matrix, lo, hi), integrality=integrality,
-               bounds=Bounds(np.zeros(nvar), upper), options={"time_limit": time_limit, "disp": False})
+               bounds=Bounds(low, high), options={"time_limit": time_limit, "disp": False})
+    if res.x is None and incumbent is not None:
+        bound = getattr(res, "mip_dual_bound", None)
+        proven = res.status == 2 or (bound is not None and bound >= upper / (1 + _GAP))
+        return incumbent, bool(proven)
     if res.x is None:
         raise PolicyError(f"exact: HiGHS found no placement within {time_limit:g} s ({res.message})")
     z = np.round(res.x[:nz]).reshape(num_experts, num_devices, cap).sum(axis=2) > 0.5  # [E, N]
@@ -95,7 +111,7 @@ class ExactPolicy(Policy):
     name: ClassVar[str] = "exact"
     summary: ClassVar[str] = "MILP optimum (HiGHS) of the peak device load; small instances only"
     params: ClassVar[dict[str, Param]] = {
-        "time_limit": Param("time_limit", float, 10.0, "seconds per layer for HiGHS",
+        "time_limit": Param("time_limit", float, 30.0, "seconds per layer for HiGHS",
                             lambda v: None if v > 0 else "must be > 0"),
         "max_vars": Param("max_vars", int, 4000, "refuse layers whose model has more binaries than this",
                           lambda v: None if v >= 1 else "must be >= 1"),
@@ -112,8 +128,10 @@ class ExactPolicy(Policy):
                 f"more than max_vars={self.values['max_vars']}; use flashlb (or raise max_vars)")
         out = np.empty_like(current)
         proven = True
+        # flashlb's placement is feasible: its peak cuts M without changing the optimum
+        start = solve_layers(np.ascontiguousarray(window), n, s, 8, 4, 2000, 48, 100000, 1e-5)
         for layer in range(len(window)):
-            out[layer], ok = solve_exact(window[layer], n, s, self.values["time_limit"])
+            out[layer], ok = solve_exact(window[layer], n, s, self.values["time_limit"], start[layer])
             proven &= ok
         change = predicted_imbalance(out, window) < predicted_imbalance(current, window) * (1 - 1e-9)
         return PolicyResult(placement=out, change=change, mode="global" if proven else "global (time limit hit)")

@@ -180,6 +180,9 @@ def place_relaxed(h: np.ndarray, num_devices: int, slots: int, nodes: int, group
     holds = holds_of(assign, num_experts)
     load = loads_of(assign, w)
     _, cross = improve_local(assign, load, holds, w, max_iter, home, node_of, share * total, cross)
+    strict_c = np.bincount(strict.ravel(), minlength=num_experts)
+    if load.max() >= loads_of(strict, h / strict_c).max():  # crossing did not pay: keep strict
+        return strict, 0.0
     return assign, float(cross / total)
 
 
