@@ -55,11 +55,21 @@ def run_plan(job: PlanJob) -> tuple[np.ndarray, dict]:
     return plan.placement, plan.to_report()
 
 
-def _child_main(conn: Any) -> None:
-    # Warm the imports (numpy, scipy, numba caches) before the first request arrives.
-    import eplbctl.planning
-    import eplbctl.policies  # noqa: F401
+def _warm() -> None:
+    """Import and run the default policy once so its compiled code is loaded before any request."""
+    from eplbctl.placement import contiguous_placement
 
+    heat = np.arange(1.0, 9.0)[None, :]
+    run_plan(PlanJob("default", {}, heat, contiguous_placement(1, 8, 2, 5),
+                     {"num_devices": 2, "slots_per_device": 5}, None, 0.0, 0))
+
+
+def _child_main(conn: Any) -> None:
+    try:
+        _warm()
+    except Exception as exc:  # still serve: the request will report the real error
+        log.warning("planner warm-up failed: %s", exc)
+    conn.send(("ready", None))
     while True:
         try:
             job = conn.recv()
@@ -74,8 +84,9 @@ def _child_main(conn: Any) -> None:
 class Planner:
     """Parent side: one request at a time, each bounded by `timeout_s`."""
 
-    def __init__(self, timeout_s: float = 30.0) -> None:
+    def __init__(self, timeout_s: float = 30.0, startup_timeout_s: float = 120.0) -> None:
         self.timeout_s = timeout_s
+        self.startup_timeout_s = startup_timeout_s
         self._ctx = mp.get_context("spawn")
         self._lock = threading.Lock()
         self._proc: Any = None
@@ -84,6 +95,16 @@ class Planner:
     def start(self) -> None:
         with self._lock:
             self._ensure_child()
+
+    def restart_in_background(self) -> None:
+        """Bring a fresh child up after a kill, so the next request does not wait for its start."""
+        threading.Thread(target=self._restart_quietly, name="eplbd-planner-restart", daemon=True).start()
+
+    def _restart_quietly(self) -> None:
+        try:
+            self.start()
+        except PlannerError as exc:
+            log.warning("%s", exc)
 
     def _ensure_child(self) -> None:
         if self._proc is not None and self._proc.is_alive():
@@ -94,6 +115,15 @@ class Planner:
         proc.start()
         child.close()
         self._proc, self._conn = proc, parent
+        # A policy's time limit must not include the child's start (imports, compiled-code loading).
+        if not parent.poll(self.startup_timeout_s):
+            self._discard()
+            raise PlannerError(f"the planner process did not start within {self.startup_timeout_s:g}s")
+        try:
+            parent.recv()
+        except (EOFError, OSError):
+            self._discard()
+            raise PlannerError("the planner process died while starting") from None
 
     def _discard(self) -> None:
         if self._proc is not None:
@@ -108,21 +138,26 @@ class Planner:
         """-> (placement, report); (None, None) when not blocking and another plan is running."""
         if not self._lock.acquire(blocking=blocking):
             return None, None
+        lost = False
         try:
             self._ensure_child()
             try:
                 self._conn.send(job)
                 if not self._conn.poll(self.timeout_s):
-                    self._discard()
+                    lost = True
                     raise PlannerError(f"policy {job.policy} did not answer within {self.timeout_s:g}s; "
                                        "it was stopped and the placement is unchanged")
                 status, value = self._conn.recv()
-            except (EOFError, OSError, BrokenPipeError) as exc:
-                self._discard()
+            except (EOFError, OSError) as exc:
+                lost = True
                 raise PlannerError(f"policy {job.policy} process died ({type(exc).__name__}); "
                                    "the placement is unchanged") from None
         finally:
+            if lost:
+                self._discard()
             self._lock.release()
+            if lost:
+                self.restart_in_background()
         if status != "ok":
             raise PlannerError(f"policy {job.policy} failed: {value}")
         return value

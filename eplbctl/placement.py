@@ -54,7 +54,7 @@ def validate_placement(phy2log: np.ndarray, num_experts: int) -> None:
         raise PlacementError(f"placement must be [layers, devices, slots], got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.integer):
         raise PlacementError(f"placement must hold integer expert ids, got dtype {arr.dtype}")
-    num_layers, num_devices, slots = arr.shape
+    _, num_devices, slots = arr.shape
     if num_devices * slots < num_experts:
         raise PlacementError(f"{num_devices}x{slots} slots cannot hold {num_experts} experts")
     bad = np.argwhere((arr < 0) | (arr >= num_experts))
