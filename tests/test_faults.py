@@ -1,0 +1,88 @@
+"""Fault injection on a real `eplbd sim`: corruption in flight, a killed rank, a failing or hanging
+policy, a client that disconnects mid-command. After every successful redeployment the model output
+is bit-identical to the baseline."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import zmq
+from simdaemon import running_sim, wait_job
+
+from eplbctl.client import DaemonError
+from eplbctl.protocol import make_request, new_session, serialize
+
+pytestmark = pytest.mark.timeout(400)
+
+BASE = ["--layers", "4", "--tokens", "32", "--tick", "4", "--window", "10", "--hidden", "32", "--ffn", "64"]
+
+
+def test_corrupted_transfer_aborts_the_layer_on_every_rank_and_keeps_output():
+    with running_sim("--ranks", "2", *BASE, "--fault", "corrupt:rank=1:layer=2") as sim, sim.client() as c:
+        before = c.request("inspect", {"layer": 2})["phy2log"]
+        job = wait_job(c, c.request("rebalance", {"layers": [2]})["job"]["job_id"], settled=False)
+        assert job["state"] == "failed" and "layer 2 aborted on every rank" in job["error"]
+        assert "rank 1" in job["error"]
+        assert c.request("inspect", {"layer": 2})["phy2log"] == before        # old placement kept
+        assert c.request("verify", {})["ok"]
+        st = c.request("status", {})
+        assert st["fault"] is None and st["transfer"] == "idle"
+        assert any("aborted" in e for e in st["events"])
+        again = wait_job(c, c.request("rebalance", {"layers": [2]})["job"]["job_id"])
+        assert again["state"] == "done"                                        # the fault fired once
+        assert c.request("inspect", {"layer": 2})["phy2log"] != before
+        assert c.request("verify", {})["ok"]
+
+
+def test_failing_or_hanging_policy_means_no_change_and_the_next_rebalance_works():
+    args = ["--ranks", "2", *BASE, "--fault", "policy-raise", "--fault", "policy-hang", "--plan-timeout", "3"]
+    with running_sim(*args) as sim, sim.client(timeout_s=30) as c:
+        before = [c.request("inspect", {"layer": la})["phy2log"] for la in range(4)]
+        with pytest.raises(DaemonError) as err:
+            c.request("rebalance", {"layers": [0]})
+        assert err.value.code == 500 and "injected policy failure" in str(err.value)
+        started = time.monotonic()
+        with pytest.raises(DaemonError) as err:
+            c.request("rebalance", {"layers": [0]})
+        assert err.value.code == 500 and "did not answer within 3s" in str(err.value)
+        assert time.monotonic() - started < 15
+        assert [c.request("inspect", {"layer": la})["phy2log"] for la in range(4)] == before
+        events = c.request("status", {})["events"]
+        assert any("injected policy failure" in e for e in events)
+        assert any("did not answer" in e for e in events)
+        job = wait_job(c, c.request("rebalance", {"layers": [0]})["job"]["job_id"])
+        assert job["state"] == "done"
+        assert c.request("verify", {})["ok"]
+
+
+def test_client_disconnecting_mid_command_does_not_wedge_the_daemon():
+    with running_sim("--ranks", "2", *BASE) as sim:
+        ctx = zmq.Context.instance()
+        for _ in range(3):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(sim.endpoint)
+            sock.send_multipart(serialize(make_request("verify", {}, new_session())))
+            sock.close()                                   # gone before the reply
+        with sim.client() as c:
+            assert c.request("status", {})["fault"] is None
+            assert c.request("verify", {})["ok"]
+
+
+def test_killed_rank_mid_redeployment_stops_the_others_within_the_timeout_and_status_shows_it():
+    args = ["--ranks", "3", *BASE, "--redundant", "2", "--comm-timeout", "6", "--fault", "kill:rank=2:layer=1"]
+    with running_sim(*args) as sim, sim.client(timeout_s=30) as c:
+        before = c.request("inspect", {"layer": 1})["phy2log"]
+        job = c.request("rebalance", {"layers": [0, 1, 2, 3]})["job"]
+        started = time.monotonic()
+        done = wait_job(c, job["job_id"], timeout_s=60, settled=False)
+        assert done["state"] == "failed"
+        assert time.monotonic() - started < 40
+        st = c.request("status", {})                       # the control server still answers
+        assert st["transfer"] == "failed" and "rank" in st["fault"]
+        with pytest.raises(DaemonError) as err:
+            c.request("rebalance", {"layers": [1]})
+        assert err.value.code == 503 and "failed" in str(err.value)
+        assert 0 in done["done_layers"] and 1 not in done["done_layers"]
+        assert before is not None
