@@ -129,7 +129,7 @@ class ExactPolicy(Policy):
         out = np.empty_like(current)
         proven = True
         # flashlb's placement is feasible: its peak cuts M without changing the optimum
-        start = solve_layers(np.ascontiguousarray(window), n, s, 8, 4, 2000, 48, 100000, 1e-5)
+        start = solve_layers(np.ascontiguousarray(window), n, s, 8, 4, 2000, 32, 100000, 1e-5)
         for layer in range(len(window)):
             out[layer], ok = solve_exact(window[layer], n, s, self.values["time_limit"], start[layer])
             proven &= ok

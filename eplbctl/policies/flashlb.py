@@ -44,7 +44,7 @@ class FlashLBPolicy(Policy):
         "rounds": Param("rounds", int, 8, "re-allotment rounds per layer", _at_least(0)),
         "width": Param("width", int, 4, "donor experts tried per re-allotment", _at_least(1)),
         "max_iter": Param("max_iter", int, 2000, "swap iterations per local search", _at_least(1)),
-        "tree_slots": Param("tree_slots", int, 48, "tree search (exhaustive allotment) for P <= this",
+        "tree_slots": Param("tree_slots", int, 32, "tree search (exhaustive allotment) for P <= this",
                             _at_least(0)),
         "tree_nodes": Param("tree_nodes", int, 100000, "node budget per branch and bound", _at_least(0)),
         "tol": Param("tol", float, 1e-5, "stop when the peak is within this share of the mean", _at_least(0.0)),

@@ -93,17 +93,19 @@ def tree_pack(h, c, num_devices, num_slots, bound, node_limit):
         else:
             i += 1
             dev[i] = -1
-    return found, best_assign, best
+    return found, best_assign, best, nodes
 
 
 @njit(cache=True)
 def _pack_improve(h, c, num_devices, num_slots, max_iter, tree_slots, node_limit):
-    """-> (assign, load, holds) for counts c: LPT + swaps, then the tree search on small pools."""
+    """-> (assign, load, holds, tree nodes used) for counts c: LPT + swaps, then the tree search on small
+    pools."""
     assign, load, holds = pack(h, c, num_devices, num_slots)
     w = h / c
     improve(assign, load, holds, w, max_iter)
+    nodes = 0
     if num_devices * num_slots <= tree_slots and node_limit > 0:
-        found, tree, _ = tree_pack(h, c, num_devices, num_slots, load.max(), node_limit)
+        found, tree, _, nodes = tree_pack(h, c, num_devices, num_slots, load.max(), node_limit)
         if found:
             assign = tree
             load = loads_of(assign, w)
@@ -111,7 +113,7 @@ def _pack_improve(h, c, num_devices, num_slots, max_iter, tree_slots, node_limit
             for d in range(num_devices):
                 for s in range(num_slots):
                     holds[d, assign[d, s]] = True
-    return assign, load, holds
+    return assign, load, holds, nodes
 
 
 @njit(cache=True)
@@ -150,7 +152,8 @@ def enumerate_allotments(h, num_devices, num_slots, assign, limit, max_iter, nod
     cur[0] = min(num_devices, rem - (num_experts - 1))
     low[0] = max(1, rem - (num_experts - 1) * num_devices)
     evaluated = 0
-    while i >= 0 and evaluated < limit:
+    spent = 0  # tree nodes over all evaluations: at most 20 x node_limit per layer
+    while i >= 0 and evaluated < limit and spent < 20 * node_limit:
         if cur[i] < low[i]:
             i -= 1
             if i >= 0:
@@ -171,7 +174,8 @@ def enumerate_allotments(h, num_devices, num_slots, assign, limit, max_iter, nod
             c[order[k]] = cur[k]
         if peak_bound(h, c, num_devices, num_slots) < best * (1.0 - _TOL):
             evaluated += 1
-            cand, cload, _ = _pack_improve(h, c, num_devices, num_slots, max_iter, total, node_limit)
+            cand, cload, _, used = _pack_improve(h, c, num_devices, num_slots, max_iter, total, node_limit)
+            spent += used
             if cload.max() < best * (1.0 - _TOL):
                 best = cload.max()
                 best_assign = cand
@@ -231,7 +235,7 @@ def _reallot(h, c, assign, load, holds, m, max_iter, width):
 def solve_layer(h, num_devices, num_slots, rounds, width, max_iter, tree_slots, node_limit, tol):
     """One layer: h [E] -> assign [N, S] minimizing the peak device load (joint allotment + placement)."""
     c = allot(h, num_devices * num_slots, num_devices)
-    assign, load, holds = _pack_improve(h, c, num_devices, num_slots, max_iter, tree_slots, node_limit)
+    assign, load, holds, _ = _pack_improve(h, c, num_devices, num_slots, max_iter, tree_slots, node_limit)
     if num_devices * num_slots <= tree_slots and node_limit > 0:
         return enumerate_allotments(h, num_devices, num_slots, assign, rounds * 1000, max_iter, node_limit)
     floor = h.sum() / num_devices
