@@ -80,10 +80,10 @@ class Agent:
         shape = self.shape
         self.recorder = SlotRecorder(shape.num_layers, shape.slots,
                                      world * shape.tokens * shape.top_k, torch.device("cpu"))
-        self.expert_sums = self._gather_expert_sums()
+        self.expert_sums, slot_sums = self._gather_expert_sums()
         capacity = config.staging_slots or shape.slots
         self.engine = TransferEngine(model.store.tensors, rank, xfer_group, capacity, config.max_ops,
-                                     config.comm_timeout_s, self.expert_sums)
+                                     config.comm_timeout_s, self.expert_sums, slot_sums)
         self.step = 0
         self.steps_since_tick = 0
         self.stopping = False
@@ -104,8 +104,10 @@ class Agent:
         rows = gather_rows(local.reshape(-1), self.world, self.ctrl)       # [N, L*S*T]
         return rows.view(self.world, *local.shape).permute(1, 0, 2, 3)
 
-    def _gather_expert_sums(self) -> torch.Tensor:
-        """The checksum each logical expert's tensors must have: [L, E, T]; replicas must agree."""
+    def _gather_expert_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (the checksum each logical expert's tensors must have [L, E, T], this rank's slots [L, S, T]).
+
+        Replicas must agree: a start-up canary for weights loaded wrong."""
         sums = self._gather_all_checksums()
         L, N, S, T = sums.shape
         table = torch.zeros(L, self.shape.num_experts, T, dtype=torch.int64)
@@ -118,7 +120,7 @@ class Agent:
                         raise RuntimeError(f"layer {la}: replicas of expert {e} differ at start-up")
                     table[la, e] = sums[la, n, s]
                     seen[la, e] = True
-        return table
+        return table, sums[:, self.rank].clone()
 
     def _warmup(self) -> None:
         """Touch staging buffers and open the P2P links once, so the first real move is not the slow one."""
@@ -205,7 +207,8 @@ class Agent:
         for i, s in enumerate(staged):
             err = 0 if s.error is None else (ERR_CAPACITY if "staging slots" in s.error else ERR_TRANSFER)
             rows[i] = torch.tensor([s.layer, s.bytes_recv, s.bytes_sent, int(s.transfer_s * 1e9),
-                                    int(s.commit_s * 1e9), int(s.plan_s * 1e9), int(s.error is None), err])
+                                    int(s.commit_s * 1e9), int(s.plan_s * 1e9), int(s.error is None), err,
+                                    int(s.verify_s * 1e9)])
         base = statistics.median(self.step_times) if self.step_times else 0.0
         tail = torch.tensor([int((end - start) * 1e9), int(base * 1e9)], dtype=torch.int64)
         return torch.cat([rows.reshape(-1), tail])

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-STAT_FIELDS = 8   # must match eplbd.agent: layer, bytes_recv, bytes_sent, transfer_ns, commit_ns, plan_ns, ok, err
+# per in-flight layer: layer, bytes_recv, bytes_sent, transfer_ns, commit_ns, plan_ns, ok, err, verify_ns
+STAT_FIELDS = 9
 ERR_NAMES = {1: "transfer failed or timed out", 2: "not enough staging slots"}
 
 
@@ -44,6 +45,7 @@ def layer_outcomes(stats: np.ndarray, layers_per_step: int) -> list[LayerOutcome
             "transfer_s": transfer_s,
             "gbps": nbytes / transfer_s / 1e9 if transfer_s > 0 else 0.0,
             "stall_s": stall_s,
+            "verify_s": float(rows[:, 8].max()) / 1e9,
             "commit_s": float(rows[:, 4].max()) / 1e9,
             "plan_s": float(rows[:, 5].max()) / 1e9,
         }))
@@ -70,6 +72,7 @@ class JobProfile:
                 "policy_s": self.policy_s,
                 "plan_s": sum(p["plan_s"] for p in self.per_layer),
                 "transfer_s": sum(p["transfer_s"] for p in self.per_layer),
+                "verify_s": sum(p["verify_s"] for p in self.per_layer),
                 "commit_s": sum(p["commit_s"] for p in self.per_layer),
                 "stall_s": sum(p["stall_s"] for p in self.per_layer),
                 "total_s": total,

@@ -90,6 +90,18 @@ def checksum(tensor: torch.Tensor) -> torch.Tensor:
     return (flat * weights).sum()
 
 
+def batch_checksums(batch: torch.Tensor) -> torch.Tensor:
+    """[n, ...] float32 -> [n] int64, row i equal to checksum(batch[i])."""
+    n = batch.shape[0]
+    flat = batch.reshape(n, -1).view(torch.int32).to(torch.int64)
+    key = flat.shape[1]
+    weights = _POSITION_WEIGHTS.get(key)
+    if weights is None or weights.device != flat.device:
+        weights = torch.arange(key, dtype=torch.int64, device=flat.device) % 251 + 1
+        _POSITION_WEIGHTS[key] = weights
+    return (flat * weights).sum(dim=1)
+
+
 def slot_checksums(tensors: list[torch.Tensor], layer: int, slot: int) -> torch.Tensor:
     """-> [T] int64: one checksum per per-expert tensor of a slot."""
     return torch.stack([checksum(t[layer, slot]) for t in tensors])
@@ -105,19 +117,33 @@ class StagedLayer:
     bytes_sent: int = 0
     plan_s: float = 0.0
     started: float = 0.0
-    transfer_s: float = 0.0
+    transfer_s: float = 0.0                 # launch -> every byte arrived
+    verify_s: float = 0.0
     commit_s: float = 0.0
     error: str | None = None
+    n_in: list[int] = field(default_factory=list)  # staging rows each rank needs for this layer
     _chunks: list[list[tuple[int, Move]]] = field(default_factory=list)
     _works: list = field(default_factory=list)
-    _sent_sums: dict[int, torch.Tensor] = field(default_factory=dict)
+    _keep: list = field(default_factory=list)     # send buffers alive until their wait
+
+
+# Tags: per-expert messages use move index * 8 + tensor; packed runs and checksums live above them.
+PACK_TAG = 1 << 22
+SUMS_TAG = 1 << 24
 
 
 class TransferEngine:
-    """Moves expert weights of one layer at a time between ranks over a dedicated process group."""
+    """Moves expert weights of one layer at a time between ranks over a dedicated process group.
+
+    Senders ship, beside the weights, the checksums they computed from those very slots when the
+    slots were last written (`slot_sums`), one message per peer and chunk; receivers check what
+    arrived against them and against the expert's known checksum, so corruption in flight and a
+    wrong source slot are both caught before anything is committed.
+    """
 
     def __init__(self, tensors: list[torch.Tensor], rank: int, group: dist.ProcessGroup,
-                 capacity: int, max_ops: int, timeout_s: float, expert_sums: torch.Tensor) -> None:
+                 capacity: int, max_ops: int, timeout_s: float, expert_sums: torch.Tensor,
+                 slot_sums: torch.Tensor) -> None:
         self.tensors = tensors                # each [L, S, ...]: every per-expert tensor
         self.rank = rank
         self.group = group
@@ -125,6 +151,7 @@ class TransferEngine:
         self.max_ops = max(1, max_ops)
         self.timeout = timedelta(seconds=timeout_s)
         self.expert_sums = expert_sums        # [L, E, T] int64: what each expert's tensors must hash to
+        self.slot_sums = slot_sums            # [L, S, T] int64: checksums of this rank's live slots
         self.staging = [torch.empty((capacity, *t.shape[2:]), dtype=t.dtype, device=t.device) for t in tensors]
         self.recv_sums = torch.zeros(capacity, len(tensors), dtype=torch.int64, device=tensors[0].device)
         self.corrupt_next = False             # fault injection: flip one staged value before verify
@@ -137,8 +164,13 @@ class TransferEngine:
     def prepare(self, layer: int, old: np.ndarray, new: np.ndarray) -> StagedLayer:
         start = time.perf_counter()
         moves = plan_layer(old, new)
-        incoming = [m for m in moves if m.dst_rank == self.rank]
+        # staging order: local copies first, then by source rank, so each peer's data is one run
+        incoming = sorted((m for m in moves if m.dst_rank == self.rank),
+                          key=lambda m: (not m.local, m.src_rank, m.expert))
         staged = StagedLayer(layer, moves, incoming)
+        staged.n_in = [0] * old.shape[0]
+        for m in moves:
+            staged.n_in[m.dst_rank] += 1
         if len(incoming) > self.capacity:
             raise TransferError(f"layer {layer} needs {len(incoming)} staging slots on rank {self.rank}, "
                                 f"capacity is {self.capacity}")
@@ -149,37 +181,77 @@ class TransferEngine:
         return staged
 
     def launch(self, staged: StagedLayer) -> None:
-        """Start the first chunk of receives/sends and the local copies; returns without waiting."""
+        """Start the local copies and the first chunk of receives/sends; returns without waiting."""
         staged.started = time.perf_counter()
         staged.phase = Phase.STAGING
+        self._where = {m: i for i, m in enumerate(staged.incoming)}
         for i, m in enumerate(staged.incoming):
             if m.local:
                 for buf, t in zip(self.staging, self.tensors, strict=True):
                     buf[i].copy_(t[staged.layer, m.src_slot])
+                self.recv_sums[i] = self.slot_sums[staged.layer, m.src_slot]
+        self._chunk_no = 0
         self._launch_chunk(staged)
+
+    def _packs(self, staged: StagedLayer, rank: int, outgoing: int) -> bool:
+        """Whether `rank` packs its sends of a chunk into the free tail of its staging buffer.
+
+        Every rank derives this from the global plan alone, so receivers know the message shapes.
+        Packing turns one message per expert tensor into one per peer; without room it falls back.
+        """
+        return 0 < outgoing <= self.capacity - staged.n_in[rank]
 
     def _launch_chunk(self, staged: StagedLayer) -> None:
         if not staged._chunks:
             return
         chunk = staged._chunks.pop(0)
-        ops = []
-        layer = staged.layer
+        layer, ops, me = staged.layer, [], self.rank
+        chunk_no = self._chunk_no
+        self._chunk_no += 1
+        sums_tag, pack_tag = SUMS_TAG + chunk_no, PACK_TAG + chunk_no * 8
+        out_count: dict[int, int] = {}
+        to_peer: dict[int, list[tuple[int, Move]]] = {}
+        from_peer: dict[int, list[tuple[int, Move]]] = {}
         for index, m in chunk:
-            # one tag per (move, tensor): the move index is global, so both ends compute the same tag
-            tags = [index * 8 + k for k in range(len(self.tensors) + 1)]
-            if m.src_rank == self.rank:
-                sums = slot_checksums(self.tensors, layer, m.src_slot)
-                staged._sent_sums[index] = sums  # keeps the send buffer alive until the wait
-                for tag, t in zip(tags, self.tensors, strict=False):
-                    ops.append(dist.P2POp(dist.isend, t[layer, m.src_slot], m.dst_rank, self.group, tag))
-                    staged.bytes_sent += t[layer, m.src_slot].numel() * t.element_size()
-                ops.append(dist.P2POp(dist.isend, sums, m.dst_rank, self.group, tags[-1]))
-            if m.dst_rank == self.rank:
-                i = staged.incoming.index(m)
-                for tag, buf in zip(tags, self.staging, strict=False):
-                    ops.append(dist.P2POp(dist.irecv, buf[i], m.src_rank, self.group, tag))
-                    staged.bytes_recv += buf[i].numel() * buf.element_size()
-                ops.append(dist.P2POp(dist.irecv, self.recv_sums[i], m.src_rank, self.group, tags[-1]))
+            out_count[m.src_rank] = out_count.get(m.src_rank, 0) + 1
+            if m.src_rank == me:
+                to_peer.setdefault(m.dst_rank, []).append((index, m))
+            if m.dst_rank == me:
+                from_peer.setdefault(m.src_rank, []).append((index, m))
+        row = staged.n_in[me]
+        packing = self._packs(staged, me, out_count.get(me, 0))
+        for peer in sorted(to_peer):
+            moves = to_peer[peer]
+            slots = [m.src_slot for _, m in moves]
+            if packing:
+                idx = torch.tensor(slots, dtype=torch.int64, device=self.recv_sums.device)
+                for k, (buf, t) in enumerate(zip(self.staging, self.tensors, strict=True)):
+                    packed = buf[row:row + len(moves)]
+                    torch.index_select(t[layer], 0, idx, out=packed)
+                    ops.append(dist.P2POp(dist.isend, packed, peer, self.group, pack_tag + k))
+                row += len(moves)
+            else:
+                for index, m in moves:
+                    for k, t in enumerate(self.tensors):
+                        ops.append(dist.P2POp(dist.isend, t[layer, m.src_slot], peer, self.group, index * 8 + k))
+            staged.bytes_sent += len(moves) * sum(t[layer, 0].numel() * t.element_size() for t in self.tensors)
+            sums = self.slot_sums[layer, slots].contiguous()                          # [n, T]
+            staged._keep.append(sums)
+            ops.append(dist.P2POp(dist.isend, sums, peer, self.group, sums_tag))
+        for peer in sorted(from_peer):
+            moves = from_peer[peer]
+            rows = [self._where[m] for _, m in moves]        # contiguous: staging is ordered by source
+            if self._packs(staged, peer, out_count[peer]):
+                for k, buf in enumerate(self.staging):
+                    ops.append(dist.P2POp(dist.irecv, buf[rows[0]:rows[-1] + 1], peer, self.group, pack_tag + k))
+            else:
+                for (index, _), i in zip(moves, rows, strict=True):
+                    for k, buf in enumerate(self.staging):
+                        ops.append(dist.P2POp(dist.irecv, buf[i], peer, self.group, index * 8 + k))
+            staged.bytes_recv += len(moves) * sum(b[0].numel() * b.element_size() for b in self.staging)
+            landing = torch.empty(len(rows), len(self.tensors), dtype=torch.int64)
+            staged._keep.append((landing, rows))
+            ops.append(dist.P2POp(dist.irecv, landing, peer, self.group, sums_tag))
         staged._works = dist.batch_isend_irecv(ops) if ops else []
 
     def wait(self, staged: StagedLayer) -> bool:
@@ -191,6 +263,11 @@ class TransferEngine:
                         raise TransferError(f"layer {staged.layer}: a transfer did not finish within "
                                             f"{self.timeout.total_seconds():.0f}s")
                 staged._works = []
+                for item in staged._keep:
+                    if isinstance(item, tuple):
+                        landing, rows = item
+                        self.recv_sums[rows] = landing
+                staged._keep = []
                 if not staged._chunks:
                     break
                 self._launch_chunk(staged)
@@ -198,7 +275,9 @@ class TransferEngine:
             if self.corrupt_next and staged.incoming:
                 self.staging[0][0].view(-1)[0] += 1.0
                 self.corrupt_next = False
+            verify_start = time.perf_counter()
             self._verify(staged)
+            staged.verify_s = time.perf_counter() - verify_start
             staged.phase = Phase.STAGED
             return True
         except (TransferError, RuntimeError) as exc:
@@ -208,16 +287,23 @@ class TransferEngine:
             return False
 
     def _verify(self, staged: StagedLayer) -> None:
+        n = len(staged.incoming)
+        if n == 0:
+            return
         expected = self.expert_sums[staged.layer]
-        for i, m in enumerate(staged.incoming):
-            got = torch.stack([checksum(buf[i]) for buf in self.staging])
-            want = expected[m.expert]
-            if not m.local and not torch.equal(self.recv_sums[i], want):
-                raise TransferError(f"layer {staged.layer}: rank {m.src_rank} sent expert {m.expert} "
-                                    f"from slot {m.src_slot} whose checksum does not match the expert's")
-            if not torch.equal(got, want):
-                raise TransferError(f"layer {staged.layer}: expert {m.expert} arrived corrupted on rank "
-                                    f"{self.rank} slot {m.dst_slot} (checksum mismatch)")
+        want = expected[[m.expert for m in staged.incoming]]                        # [n, T]
+        got = torch.stack([batch_checksums(buf[:n]) for buf in self.staging], dim=1)  # [n, T]
+        sent_bad = (self.recv_sums[:n] != want).any(dim=1)
+        got_bad = (got != want).any(dim=1)
+        if bool(sent_bad.any()):
+            m = staged.incoming[int(sent_bad.nonzero()[0])]
+            raise TransferError(f"layer {staged.layer}: rank {m.src_rank} sent expert {m.expert} from slot "
+                                f"{m.src_slot} whose checksum does not match the expert's (wrong slot?)")
+        if bool(got_bad.any()):
+            m = staged.incoming[int(got_bad.nonzero()[0])]
+            raise TransferError(f"layer {staged.layer}: expert {m.expert} arrived corrupted on rank "
+                                f"{self.rank} slot {m.dst_slot} (checksum mismatch)")
+        self._verified = want
 
     def commit(self, staged: StagedLayer) -> None:
         """Copy verified staging buffers into their live slots (in place, tensors never reallocated)."""
@@ -225,5 +311,6 @@ class TransferEngine:
         for i, m in enumerate(staged.incoming):
             for buf, t in zip(self.staging, self.tensors, strict=True):
                 t[staged.layer, m.dst_slot].copy_(buf[i])
+            self.slot_sums[staged.layer, m.dst_slot] = self.expert_sums[staged.layer, m.expert]
         staged.phase = Phase.COMMITTED
         staged.commit_s = time.perf_counter() - start
