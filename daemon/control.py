@@ -47,7 +47,7 @@ class Control:
     def __init__(self, topo: Topology, num_experts: int, window_ticks: int, tokens_per_step: int,
                  layers_per_step: int, expert_bytes: int, memory: dict, planner: Planner,
                  policy: str = "default", threshold: float = 1.1, faults: Faults | None = None,
-                 layer_ids: list[int] | None = None) -> None:
+                 layer_ids: list[int] | None = None, staging_slots: int | None = None) -> None:
         self.topo = topo
         self.num_experts = num_experts
         self.tokens_per_step = tokens_per_step
@@ -58,6 +58,7 @@ class Control:
         self.policy, self.params, self.threshold = policy, {}, threshold
         self.faults = faults or Faults([])
         self.layer_ids = layer_ids
+        self.staging_slots = staging_slots or topo.slots_per_device
         self.history: HeatHistory | None = None
         self.window_ticks = window_ticks
         self._lock = threading.Lock()
@@ -285,11 +286,25 @@ class Control:
                 raise RequestError(500, str(exc)) from None
             if dry_run:
                 return {"plan": report}
+            self._check_staging(snap.placement, placement, report)
             return {"job": self._queue_job(snap, layers, placement, report, measured)}
         finally:
             if not dry_run:
                 with self._lock:
                     self._planning = False
+
+    def _check_staging(self, current: np.ndarray, placement: np.ndarray, report: dict) -> None:
+        """Refuse, before anything moves, a layer that needs more staging slots than a rank has."""
+        for row in report["layers"]:
+            if not row["change"]:
+                continue
+            la = row["layer"]
+            need = (current[la] != placement[la]).sum(axis=1)            # [N] slots each rank rewrites
+            if need.max() > self.staging_slots:
+                rank = int(need.argmax())
+                raise RequestError(422, f"layer {la} would rewrite {int(need.max())} slots on rank {rank}, more than "
+                                        f"its {self.staging_slots} staging slots; raise --staging-slots or use a "
+                                        "policy that moves fewer experts (swift)")
 
     def _queue_job(self, snap: Snapshot, layers: list[int], placement: np.ndarray, report: dict,
                    measured: np.ndarray) -> dict:

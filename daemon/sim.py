@@ -127,7 +127,7 @@ def _coordinator(cfg: SimConfig, shape: Any, store: Any, layer_ids: list[int], f
               "staging_bytes": 0}
     control = Control(Topology(shape.num_ranks, shape.slots), shape.num_experts, cfg.window,
                       shape.num_ranks * shape.tokens, agent_cfg.layers_per_step, shape.expert_bytes,
-                      memory, planner, cfg.policy, cfg.threshold, faults, layer_ids)
+                      memory, planner, cfg.policy, cfg.threshold, faults, layer_ids, cfg.staging_slots)
     key = open(cfg.key_file, "rb").read().strip() if cfg.key_file else None
     info = {"daemon": "eplbd sim", "ranks": shape.num_ranks, "layers": shape.num_layers,
             "experts": shape.num_experts, "slots_per_device": shape.slots, "model_layers": layer_ids}

@@ -86,3 +86,16 @@ def test_killed_rank_mid_redeployment_stops_the_others_within_the_timeout_and_st
         assert err.value.code == 503 and "failed" in str(err.value)
         assert 0 in done["done_layers"] and 1 not in done["done_layers"]
         assert before is not None
+
+
+def test_layer_needing_more_staging_than_a_rank_has_is_refused_before_anything_moves():
+    with running_sim("--ranks", "2", *BASE, "--staging-slots", "8") as sim, sim.client() as c:
+        before = c.request("inspect", {"layer": 1})["phy2log"]
+        with pytest.raises(DaemonError) as err:
+            c.request("rebalance", {"layers": [1]})
+        assert err.value.code == 422 and "more than its 8 staging slots" in str(err.value)
+        assert c.request("inspect", {"layer": 1})["phy2log"] == before
+        small = c.request("rebalance", {"layers": [1], "policy": "swift", "params": {"max_moves": "0.02"}})["job"]
+        done = wait_job(c, small["job_id"], settled=False)
+        assert done["state"] in ("done", "nochange"), done
+        assert c.request("verify", {})["ok"]
