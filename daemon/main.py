@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import click
 from eplbd.faults import FaultSpecError, parse_fault
+from eplbd.sim import SimConfig
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,7 +46,7 @@ def main() -> None:
 @click.option("--fault", "faults", multiple=True, help="Inject a fault (see eplbd.faults), repeatable.")
 def sim(**opts: object) -> None:
     """Run the simulated deployment: N gloo ranks, real weights, real MoE forward, real transfers."""
-    from eplbd.sim import SimConfig, launch
+    from eplbd.sim import launch
 
     layers = str(opts.pop("layers"))
     if layers != "all" and not layers.isdigit():
@@ -57,16 +59,36 @@ def sim(**opts: object) -> None:
     opts["faults"] = list(opts["faults"])
     cfg = SimConfig(layers=None if layers == "all" else int(layers), **opts)  # type: ignore[arg-type]
     try:
-        from eplbd.sim import load_trace
-
-        from eplbctl.placement import slots_per_device
-
-        heat, _, _ = load_trace(cfg)
-        slots_per_device(heat.shape[-1], cfg.ranks, cfg.redundant)
+        check_config(cfg)
     except ValueError as exc:
         click.echo(f"eplbd: error: {exc}", err=True)
         sys.exit(65)
     sys.exit(launch(cfg))
+
+
+def check_config(cfg: SimConfig) -> None:
+    """Every mistake that would otherwise surface as a crash inside the ranks, said up front."""
+    from eplbd.sim import load_trace
+
+    from eplbctl.endpoint import resolve_endpoint
+    from eplbctl.placement import slots_per_device
+
+    heat, _, _ = load_trace(cfg)
+    experts = heat.shape[-1]
+    slots_per_device(experts, cfg.ranks, cfg.redundant)
+    if cfg.top_k > experts:
+        raise ValueError(f"--top-k {cfg.top_k} exceeds the trace's {experts} experts")
+    for name in ("comm_timeout", "plan_timeout", "threshold"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite positive number, got {value}")
+    if cfg.threshold < 1.0:
+        raise ValueError(f"--threshold is an imbalance (max/mean >= 1.0), got {cfg.threshold}")
+    if not math.isfinite(cfg.step_sleep) or cfg.step_sleep < 0:
+        raise ValueError(f"--step-sleep must be >= 0, got {cfg.step_sleep}")
+    endpoint = resolve_endpoint(cfg.endpoint)
+    if endpoint.startswith("tcp://") and not cfg.key_file:
+        raise ValueError(f"{endpoint}: a tcp:// control endpoint needs --key-file (an HMAC key)")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@ injected the way it is injected into an inference worker. Rank 0 also hosts the 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing as mp
 import os
+import queue
+import re
 import signal
 import sys
 import tempfile
@@ -67,8 +70,26 @@ def _setup_logging(rank: int) -> None:
                         format=f"%(asctime)s eplbd[rank {rank}] %(levelname)s %(name)s: %(message)s")
 
 
-def worker(rank: int, cfg: SimConfig, store_path: str, stop: Any) -> None:
+def _bind_to_launcher(rank: int) -> None:
+    """Die with the launcher (even on kill -9) and carry a name `pgrep eplbd` finds (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)                       # PR_SET_PDEATHSIG
+        libc.prctl(15, f"eplbd-rank{rank}".encode()[:15])   # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def short_error(exc: BaseException) -> str:
+    """One readable line from a collective's error (gloo prefixes a source path and adds a pep talk)."""
+    text = (str(exc).splitlines() or [type(exc).__name__])[0]
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". This is typically")[0].strip() or type(exc).__name__
+
+
+def worker(rank: int, cfg: SimConfig, store_path: str, stop: Any, deaths: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the launcher owns Ctrl-C and stops us in order
+    _bind_to_launcher(rank)
     _setup_logging(rank)
     import torch
     import torch.distributed as dist
@@ -102,7 +123,7 @@ def worker(rank: int, cfg: SimConfig, store_path: str, stop: Any) -> None:
     agent = Agent(model, placement, rank, cfg.ranks, ctrl, xfer, agent_cfg, control, faults)
     if control is not None:
         control.memory["staging_bytes"] = agent.engine.staging_bytes
-    code = _serve(agent, model, cfg, rank, control, server, stop)
+    code = _serve(agent, model, cfg, rank, control, server, stop, deaths)
     if planner is not None:
         planner.close()
     if server is not None:
@@ -136,7 +157,8 @@ def _coordinator(cfg: SimConfig, shape: Any, store: Any, layer_ids: list[int], f
     return control, server, planner
 
 
-def _serve(agent: Any, model: Any, cfg: SimConfig, rank: int, control: Any, server: Any, stop: Any) -> int:
+def _serve(agent: Any, model: Any, cfg: SimConfig, rank: int, control: Any, server: Any, stop: Any,
+           deaths: Any) -> int:
     announced = False
     try:
         for step in agent.steps():
@@ -153,26 +175,60 @@ def _serve(agent: Any, model: Any, cfg: SimConfig, rank: int, control: Any, serv
                 time.sleep(cfg.step_sleep)
         return 0
     except Exception as exc:  # a dead or hung peer, or a broken collective: report, never hang
-        message = f"rank {rank} stopped at step {agent.step}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+        message = f"rank {rank} stopped at step {agent.step}: {short_error(exc)}"
         log.error("%s", message)
         if control is None:
             return 1
+        dead = _death_notice(deaths)
+        if dead:
+            message = f"{dead}; the deployment stopped at step {agent.step} (rank 0: {short_error(exc)})"
         control.set_fault(message)
         if not announced:
             print(f"eplbd: serving on {server.bound_endpoint} (failed: {message})", flush=True)
+        if cfg.steps is not None:   # a bounded run ends here; a served one waits for the operator
+            return 1
         # keep answering status (with the fault) until told to stop
         while not control.shutdown.is_set() and not stop.is_set():
             time.sleep(0.1)
         return 1
 
 
+def _death_notice(deaths: Any, wait_s: float = 3.0) -> str | None:
+    """The launcher reports ranks that exited; name the one that died first-hand.
+
+    A rank that lost a peer exits with code 1 after us, so the others (a signal, another code) are the
+    cause; wait a moment for the launcher to notice them.
+    """
+    notices: list[str] = []
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            notices.append(deaths.get(timeout=max(0.01, deadline - time.monotonic())))
+        except queue.Empty:
+            break
+        if any(not n.endswith("exited with code 1") for n in notices):
+            break
+    causes = [n for n in notices if not n.endswith("exited with code 1")] or notices
+    return "; ".join(causes) if causes else None
+
+
+def _exit_text(rank: int, code: int) -> str:
+    if code < 0:
+        try:
+            return f"rank {rank} died (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            return f"rank {rank} died (signal {-code})"
+    return f"rank {rank} exited with code {code}"
+
+
 def launch(cfg: SimConfig) -> int:
     """Run the deployment in the foreground until shutdown; return rank 0's exit code."""
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
+    deaths = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="eplbd-") as tmp:
         store_path = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=worker, args=(r, cfg, store_path, stop), name=f"eplbd-rank{r}")
+        procs = [ctx.Process(target=worker, args=(r, cfg, store_path, stop, deaths), name=f"eplbd-rank{r}")
                  for r in range(cfg.ranks)]
         for p in procs:
             p.start()
@@ -183,9 +239,15 @@ def launch(cfg: SimConfig) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         deadline = None
-        while True:
-            if not procs[0].is_alive():
-                break
+        reported: set[int] = set()
+        while procs[0].is_alive():
+            for rank, p in enumerate(procs[1:], start=1):
+                code = p.exitcode             # polling also reaps it: no zombies
+                if code not in (None, 0) and rank not in reported and not stop.is_set():
+                    reported.add(rank)
+                    text = _exit_text(rank, code)
+                    log.error("%s", text)
+                    deaths.put(text)
             if stop.is_set() and deadline is None:
                 deadline = time.monotonic() + 15
             if deadline is not None and time.monotonic() > deadline:

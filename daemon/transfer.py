@@ -44,6 +44,14 @@ class Move:
         return self.src_rank == self.dst_rank
 
 
+def _on_done(work: dist.Work, stamps: list[float]) -> None:
+    """Record when a P2P op completes (a callback on its future, where the backend provides one)."""
+    try:
+        work.get_future().add_done_callback(lambda _: stamps.append(time.perf_counter()))
+    except (RuntimeError, AttributeError):
+        pass
+
+
 def plan_layer(old: np.ndarray, new: np.ndarray) -> list[Move]:
     """old, new [N, S] -> every slot whose expert changes, sorted by (expert, dst rank, dst slot).
 
@@ -125,6 +133,7 @@ class StagedLayer:
     _chunks: list[list[tuple[int, Move]]] = field(default_factory=list)
     _works: list = field(default_factory=list)
     _keep: list = field(default_factory=list)     # send buffers alive until their wait
+    _done: list = field(default_factory=list)     # completion times of the P2P works (when known)
 
 
 # Tags: per-expert messages use move index * 8 + tensor; packed runs and checksums live above them.
@@ -253,6 +262,8 @@ class TransferEngine:
             staged._keep.append((landing, rows))
             ops.append(dist.P2POp(dist.irecv, landing, peer, self.group, sums_tag))
         staged._works = dist.batch_isend_irecv(ops) if ops else []
+        for work in staged._works:
+            _on_done(work, staged._done)
 
     def wait(self, staged: StagedLayer) -> bool:
         """Finish all chunks and verify what arrived; False (with `error`) instead of raising."""
@@ -271,7 +282,9 @@ class TransferEngine:
                 if not staged._chunks:
                     break
                 self._launch_chunk(staged)
-            staged.transfer_s = time.perf_counter() - staged.started
+            # launch -> last byte, not -> when we looked: the wait comes only after a forward step
+            finished = max(staged._done) if staged._done else time.perf_counter()
+            staged.transfer_s = finished - staged.started
             if self.corrupt_next and staged.incoming:
                 self.staging[0][0].view(-1)[0] += 1.0
                 self.corrupt_next = False

@@ -80,7 +80,7 @@ def test_killed_rank_mid_redeployment_stops_the_others_within_the_timeout_and_st
         assert done["state"] == "failed"
         assert time.monotonic() - started < 40
         st = c.request("status", {})                       # the control server still answers
-        assert st["transfer"] == "failed" and "rank" in st["fault"]
+        assert st["transfer"] == "failed" and st["fault"].startswith("rank 2 exited with code 17")
         with pytest.raises(DaemonError) as err:
             c.request("rebalance", {"layers": [1]})
         assert err.value.code == 503 and "failed" in str(err.value)
@@ -99,3 +99,30 @@ def test_layer_needing_more_staging_than_a_rank_has_is_refused_before_anything_m
         done = wait_job(c, small["job_id"], settled=False)
         assert done["state"] in ("done", "nochange"), done
         assert c.request("verify", {})["ok"]
+
+
+def test_killing_the_launcher_takes_every_rank_down_and_ranks_are_findable_by_name():
+    import os
+    import signal
+    import subprocess
+
+    with running_sim("--ranks", "2", *BASE) as sim:
+        children = subprocess.run(["pgrep", "-P", str(sim.proc.pid)], capture_output=True, text=True).stdout.split()
+        names = {open(f"/proc/{pid}/comm").read().strip() for pid in children if os.path.exists(f"/proc/{pid}")}
+        assert {"eplbd-rank0", "eplbd-rank1"} <= names
+        os.kill(sim.proc.pid, signal.SIGKILL)
+        sim.proc.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        alive = children
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = [pid for pid in children if _running(pid)]
+        assert not alive, f"ranks outlived their launcher: {alive}"
+
+
+def _running(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

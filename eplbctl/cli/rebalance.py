@@ -36,6 +36,7 @@ from eplbctl.cli.base import (
 )
 
 FINAL_STATES = ("done", "failed", "nochange")
+SETTLE_DEADLINE_S = 60.0
 WAIT_DEADLINE_S = 600.0  # overall limit on --wait; the job itself goes on in the daemon
 POLL_INTERVAL_S = 0.2
 
@@ -123,6 +124,12 @@ def wait_for_job(obj: CliContext, term: Terminal, job: dict[str, Any], quiet: bo
             job = field(obj.request("job", {"job_id": job_id}), "job")
             progress.update(task, description=str(job.get("state")),
                             completed=len(job.get("done_layers") or []))
+        # The daemon reports measured imbalance once a few control ticks ran on the new placement.
+        settle = time.monotonic() + SETTLE_DEADLINE_S
+        while job.get("state") == "done" and job.get("measured_after") is None and time.monotonic() < settle:
+            progress.update(task, description="measuring")
+            time.sleep(POLL_INTERVAL_S)
+            job = field(obj.request("job", {"job_id": job_id}), "job")
     return job
 
 
