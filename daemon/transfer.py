@@ -130,9 +130,11 @@ class StagedLayer:
     commit_s: float = 0.0
     error: str | None = None
     n_in: list[int] = field(default_factory=list)  # staging rows each rank needs for this layer
-    _chunks: list[list[tuple[int, Move]]] = field(default_factory=list)
+    _chunks: list = field(default_factory=list)   # [(chunk number, [(move index, move)])] still to send
     _works: list = field(default_factory=list)
     _keep: list = field(default_factory=list)     # send buffers alive until their wait
+    _recv_works: list = field(default_factory=list)
+    _landings: list = field(default_factory=list)  # (sender checksums buffer, staging rows)
     _done: list = field(default_factory=list)     # completion times of the P2P works (when known)
 
 
@@ -183,9 +185,7 @@ class TransferEngine:
         if len(incoming) > self.capacity:
             raise TransferError(f"layer {layer} needs {len(incoming)} staging slots on rank {self.rank}, "
                                 f"capacity is {self.capacity}")
-        # Chunks follow the global move order, so every rank posts matching ops chunk by chunk.
-        remote = [(index, m) for index, m in enumerate(moves) if not m.local]
-        staged._chunks = [remote[i:i + self.max_ops] for i in range(0, len(remote), self.max_ops)]
+        staged._chunks = self._chunks(moves, staged.n_in)
         staged.plan_s = time.perf_counter() - start
         return staged
 
@@ -199,8 +199,27 @@ class TransferEngine:
                 for buf, t in zip(self.staging, self.tensors, strict=True):
                     buf[i].copy_(t[staged.layer, m.src_slot])
                 self.recv_sums[i] = self.slot_sums[staged.layer, m.src_slot]
-        self._chunk_no = 0
-        self._launch_chunk(staged)
+        chunks = list(enumerate(staged._chunks))
+        staged._recv_works = self._post([op for no, c in chunks for op in self._recv_ops(staged, no, c)], staged)
+        staged._chunks = chunks
+        if chunks:
+            chunk_no, chunk = staged._chunks.pop(0)
+            staged._works = self._post(self._send_ops(staged, chunk_no, chunk), staged)
+
+    def _chunks(self, moves: list[Move], n_in: list[int]) -> list[list[tuple[int, Move]]]:
+        """Split the remote moves into batches every rank derives alike from the global plan.
+
+        Each batch takes from every sender at most `max_ops` moves and no more than fit the free tail
+        of its staging buffer, so all senders work at once and each can pack its part of a batch.
+        """
+        by_sender: dict[int, list[tuple[int, Move]]] = {}
+        for index, m in enumerate(moves):
+            if not m.local:
+                by_sender.setdefault(m.src_rank, []).append((index, m))
+        quota = {src: max(1, min(self.max_ops, self.capacity - n_in[src])) for src in by_sender}
+        rounds = max((-(-len(v) // quota[src]) for src, v in by_sender.items()), default=0)
+        return [[item for src in sorted(by_sender) for item in by_sender[src][c * quota[src]:(c + 1) * quota[src]]]
+                for c in range(rounds)]
 
     def _packs(self, staged: StagedLayer, rank: int, outgoing: int) -> bool:
         """Whether `rank` packs its sends of a chunk into the free tail of its staging buffer.
@@ -210,25 +229,24 @@ class TransferEngine:
         """
         return 0 < outgoing <= self.capacity - staged.n_in[rank]
 
-    def _launch_chunk(self, staged: StagedLayer) -> None:
-        if not staged._chunks:
-            return
-        chunk = staged._chunks.pop(0)
-        layer, ops, me = staged.layer, [], self.rank
-        chunk_no = self._chunk_no
-        self._chunk_no += 1
-        sums_tag, pack_tag = SUMS_TAG + chunk_no, PACK_TAG + chunk_no * 8
+    def _split(self, chunk: list[tuple[int, Move]]) -> tuple[dict, dict, dict]:
         out_count: dict[int, int] = {}
         to_peer: dict[int, list[tuple[int, Move]]] = {}
         from_peer: dict[int, list[tuple[int, Move]]] = {}
         for index, m in chunk:
             out_count[m.src_rank] = out_count.get(m.src_rank, 0) + 1
-            if m.src_rank == me:
+            if m.src_rank == self.rank:
                 to_peer.setdefault(m.dst_rank, []).append((index, m))
-            if m.dst_rank == me:
+            if m.dst_rank == self.rank:
                 from_peer.setdefault(m.src_rank, []).append((index, m))
-        row = staged.n_in[me]
-        packing = self._packs(staged, me, out_count.get(me, 0))
+        return out_count, to_peer, from_peer
+
+    def _send_ops(self, staged: StagedLayer, chunk_no: int, chunk: list[tuple[int, Move]]) -> list:
+        """This rank's sends of one chunk, packed into the staging tail when there is room."""
+        out_count, to_peer, _ = self._split(chunk)
+        layer, ops = staged.layer, []
+        row = staged.n_in[self.rank]
+        packing = self._packs(staged, self.rank, out_count.get(self.rank, 0))
         for peer in sorted(to_peer):
             moves = to_peer[peer]
             slots = [m.src_slot for _, m in moves]
@@ -237,7 +255,7 @@ class TransferEngine:
                 for k, (buf, t) in enumerate(zip(self.staging, self.tensors, strict=True)):
                     packed = buf[row:row + len(moves)]
                     torch.index_select(t[layer], 0, idx, out=packed)
-                    ops.append(dist.P2POp(dist.isend, packed, peer, self.group, pack_tag + k))
+                    ops.append(dist.P2POp(dist.isend, packed, peer, self.group, PACK_TAG + chunk_no * 8 + k))
                 row += len(moves)
             else:
                 for index, m in moves:
@@ -246,42 +264,58 @@ class TransferEngine:
             staged.bytes_sent += len(moves) * sum(t[layer, 0].numel() * t.element_size() for t in self.tensors)
             sums = self.slot_sums[layer, slots].contiguous()                          # [n, T]
             staged._keep.append(sums)
-            ops.append(dist.P2POp(dist.isend, sums, peer, self.group, sums_tag))
+            ops.append(dist.P2POp(dist.isend, sums, peer, self.group, SUMS_TAG + chunk_no))
+        return ops
+
+    def _recv_ops(self, staged: StagedLayer, chunk_no: int, chunk: list[tuple[int, Move]]) -> list:
+        """This rank's receives of one chunk, straight into their staging rows."""
+        out_count, _, from_peer = self._split(chunk)
+        ops = []
         for peer in sorted(from_peer):
             moves = from_peer[peer]
             rows = [self._where[m] for _, m in moves]        # contiguous: staging is ordered by source
             if self._packs(staged, peer, out_count[peer]):
                 for k, buf in enumerate(self.staging):
-                    ops.append(dist.P2POp(dist.irecv, buf[rows[0]:rows[-1] + 1], peer, self.group, pack_tag + k))
+                    ops.append(dist.P2POp(dist.irecv, buf[rows[0]:rows[-1] + 1], peer, self.group,
+                                          PACK_TAG + chunk_no * 8 + k))
             else:
                 for (index, _), i in zip(moves, rows, strict=True):
                     for k, buf in enumerate(self.staging):
                         ops.append(dist.P2POp(dist.irecv, buf[i], peer, self.group, index * 8 + k))
             staged.bytes_recv += len(moves) * sum(b[0].numel() * b.element_size() for b in self.staging)
             landing = torch.empty(len(rows), len(self.tensors), dtype=torch.int64)
-            staged._keep.append((landing, rows))
-            ops.append(dist.P2POp(dist.irecv, landing, peer, self.group, sums_tag))
-        staged._works = dist.batch_isend_irecv(ops) if ops else []
-        for work in staged._works:
+            staged._landings.append((landing, rows))
+            ops.append(dist.P2POp(dist.irecv, landing, peer, self.group, SUMS_TAG + chunk_no))
+        return ops
+
+    def _post(self, ops: list, staged: StagedLayer) -> list:
+        works = dist.batch_isend_irecv(ops) if ops else []
+        for work in works:
             _on_done(work, staged._done)
+        return works
+
+    def _wait_all(self, works: list, staged: StagedLayer) -> None:
+        for work in works:
+            if not work.wait(self.timeout):
+                raise TransferError(f"layer {staged.layer}: a transfer did not finish within "
+                                    f"{self.timeout.total_seconds():.0f}s")
 
     def wait(self, staged: StagedLayer) -> bool:
         """Finish all chunks and verify what arrived; False (with `error`) instead of raising."""
         try:
-            while True:
-                for work in staged._works:
-                    if not work.wait(self.timeout):
-                        raise TransferError(f"layer {staged.layer}: a transfer did not finish within "
-                                            f"{self.timeout.total_seconds():.0f}s")
-                staged._works = []
-                for item in staged._keep:
-                    if isinstance(item, tuple):
-                        landing, rows = item
-                        self.recv_sums[rows] = landing
+            # Receives were all posted at launch; sends go chunk by chunk, because the next chunk is
+            # packed into the same staging tail only once the previous chunk's sends are done.
+            while staged._chunks:
+                self._wait_all(staged._works, staged)
                 staged._keep = []
-                if not staged._chunks:
-                    break
-                self._launch_chunk(staged)
+                chunk_no, chunk = staged._chunks.pop(0)
+                staged._works = self._post(self._send_ops(staged, chunk_no, chunk), staged)
+            self._wait_all(staged._works, staged)
+            self._wait_all(staged._recv_works, staged)
+            staged._works, staged._recv_works, staged._keep = [], [], []
+            for landing, rows in staged._landings:
+                self.recv_sums[rows] = landing
+            staged._landings = []
             # launch -> last byte, not -> when we looked: the wait comes only after a forward step
             finished = max(staged._done) if staged._done else time.perf_counter()
             staged.transfer_s = finished - staged.started
