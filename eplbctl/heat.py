@@ -143,6 +143,10 @@ def validate_heat(arr: Any, where: str) -> np.ndarray:
     if (out < 0).any():
         first = tuple(int(i) for i in np.argwhere(out < 0)[0])
         raise HeatError(f"{where}: negative count {out[first]:g} at {_position(first)}")
+    with np.errstate(over="ignore"):
+        totals = out.sum(axis=-1)
+    if not np.isfinite(totals).all():
+        raise HeatError(f"{where}: counts too large: a layer's total is not a finite number")
     return out
 
 
@@ -394,6 +398,14 @@ def _zip_kind(path: Path) -> str | None:
 
 
 def load_heat(path: str | Path) -> HeatData:
+    """Read heat in any supported format (see the module docstring); HeatError for anything else."""
+    try:
+        return _load_heat(path)
+    except RecursionError:
+        raise HeatError(f"{Path(path).name}: nested too deeply to be a heat file") from None
+
+
+def _load_heat(path: str | Path) -> HeatData:
     """Read a heat file in any supported format (see the module docstring) -> HeatData."""
     path = Path(path)
     name = str(path)

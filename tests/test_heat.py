@@ -303,3 +303,21 @@ def test_pt_round_trip(tmp_path: Path) -> None:
     torch.save({"other": counts}, tmp_path / "no.pt")
     with pytest.raises(HeatError, match=r"no.pt: .pt dict has no 'logical_count' \(keys: \['other'\]\)"):
         load_heat(tmp_path / "no.pt")
+
+
+def test_counts_whose_layer_total_overflows_are_rejected_not_turned_into_nan(tmp_path):
+    from eplbctl.heat import HeatError, load_heat
+
+    path = tmp_path / "huge.json"
+    path.write_text('{"logical_count": [[1e308, 1e308], [1, 2]]}')
+    with pytest.raises(HeatError, match="counts too large"):
+        load_heat(path)
+
+
+def test_absurdly_nested_json_is_a_one_line_error_not_a_recursion_traceback(tmp_path):
+    from eplbctl.heat import HeatError, load_heat
+
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(HeatError, match="nested too deeply"):
+        load_heat(path)

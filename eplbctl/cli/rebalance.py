@@ -10,6 +10,7 @@ Order of events, so that a mistake never changes anything:
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -106,6 +107,13 @@ def request_content(layers: list[int] | None, auto: bool, threshold: float | Non
             "params": params, "dry_run": dry_run}
 
 
+def finite_or_none(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """FloatRange lets NaN through (every comparison with it is false)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
+    return value
+
+
 def wait_for_job(obj: CliContext, term: Terminal, job: dict[str, Any], quiet: bool) -> dict[str, Any]:
     """Poll job_request until a final state; progress (layers moved) on stderr unless ``quiet``."""
     deadline = time.monotonic() + WAIT_DEADLINE_S
@@ -137,7 +145,7 @@ def wait_for_job(obj: CliContext, term: Terminal, job: dict[str, Any], quiet: bo
 @click.option("--layers", "spec", metavar="SPEC", help="MoE layers to rebalance, e.g. 3,7-9.")
 @click.option("--auto", is_flag=True,
               help="Let the daemon pick the layers whose imbalance exceeds the threshold.")
-@click.option("--threshold", type=click.FloatRange(min=1.0), metavar="X",
+@click.option("--threshold", type=click.FloatRange(min=1.0), metavar="X", callback=finite_or_none,
               help="Imbalance above which a layer is worth changing (default: the daemon's).")
 @click.option("--policy", metavar="NAME", help="Placement policy (see 'eplbctl policy list').")
 @param_option

@@ -30,6 +30,7 @@ from eplbctl.cli.base import (
 )
 
 LSB = {"not_running": EXIT_NOT_RUNNING, "unknown": EXIT_UNKNOWN}
+EXIT_FAULT = 1  # LSB "program is dead": the deployment reports a fault
 LAYER_KEYS = ("layer", "model_layer", "measured", "current", "predicted", "replicated", "window_tokens")
 
 
@@ -140,6 +141,8 @@ def status(obj: CliContext, spec: str | None, sort: str, top: int | None, watch:
             render(term, reply, rows, as_json, stream=watch is not None)
             shown += 1
             if watch is None or (watch_count is not None and shown >= watch_count):
+                if reply.get("fault") and watch is None:
+                    raise CliError(f"the deployment has failed: {reply['fault']}", EXIT_FAULT)
                 return
             time.sleep(watch)
     except KeyboardInterrupt:
