@@ -47,7 +47,8 @@ class Control:
     def __init__(self, topo: Topology, num_experts: int, window_ticks: int, tokens_per_step: int,
                  layers_per_step: int, expert_bytes: int, memory: dict, planner: Planner,
                  policy: str = "default", threshold: float = 1.1, faults: Faults | None = None,
-                 layer_ids: list[int] | None = None, staging_slots: int | None = None) -> None:
+                 layer_ids: list[int] | None = None, staging_slots: int | None = None,
+                 min_gain: float = 0.01) -> None:
         self.topo = topo
         self.num_experts = num_experts
         self.tokens_per_step = tokens_per_step
@@ -59,6 +60,7 @@ class Control:
         self.faults = faults or Faults([])
         self.layer_ids = layer_ids
         self.staging_slots = staging_slots or topo.slots_per_device
+        self.min_gain = min_gain
         self.history: HeatHistory | None = None
         self.window_ticks = window_ticks
         self._lock = threading.Lock()
@@ -263,7 +265,11 @@ class Control:
             raise RequestError(422, str(exc)) from None
         threshold = content.get("threshold")
         threshold = self.threshold if threshold is None else _threshold(threshold)
-        dry_run = bool(content.get("dry_run", False))
+        dry_run = content.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise RequestError(400, "dry_run must be true or false")
+        min_gain = content.get("min_gain")
+        min_gain = self.min_gain if min_gain is None else _min_gain(min_gain)
         measured = measured_imbalance(snap.slot_window)
         if content.get("auto"):
             layers = [la for la in range(L) if measured[la] > threshold]
@@ -280,7 +286,7 @@ class Control:
         try:
             fault = None if dry_run else self.faults.policy_fault()
             try:
-                placement, report = self.planner.plan(self._plan_job(snap, layers, policy, params, 0.0, fault))
+                placement, report = self.planner.plan(self._plan_job(snap, layers, policy, params, min_gain, fault))
             except PlannerError as exc:
                 self.events.append(f"step {snap.step}: {exc}")
                 raise RequestError(500, str(exc)) from None
@@ -393,6 +399,12 @@ def _str_field(content: dict, key: str) -> str | None:
 def _threshold(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value < 1.0:
         raise RequestError(422, f"threshold must be a number >= 1.0 (imbalance is max/mean), got {value!r}")
+    return float(value)
+
+
+def _min_gain(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value < 0:
+        raise RequestError(422, f"min_gain must be a number >= 0 (imbalance improvement), got {value!r}")
     return float(value)
 
 

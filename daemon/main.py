@@ -36,6 +36,8 @@ def main() -> None:
 @click.option("--steps", type=click.IntRange(1), help="Stop after this many steps (default: run until shutdown).")
 @click.option("--policy", default="default", show_default=True, help="Placement policy.")
 @click.option("--threshold", default=1.1, show_default=True, type=float, help="Imbalance threshold for --auto.")
+@click.option("--min-gain", default=0.01, show_default=True, type=float,
+              help="Move a layer only when its predicted imbalance improves by more than this.")
 @click.option("--comm-timeout", default=30.0, show_default=True, type=float,
               help="Seconds any collective or transfer may wait before the deployment gives up.")
 @click.option("--plan-timeout", default=30.0, show_default=True, type=float, help="Seconds a policy may run.")
@@ -84,6 +86,8 @@ def check_config(cfg: SimConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a finite positive number, got {value}")
     if cfg.threshold < 1.0:
         raise ValueError(f"--threshold is an imbalance (max/mean >= 1.0), got {cfg.threshold}")
+    if not math.isfinite(cfg.min_gain) or cfg.min_gain < 0:
+        raise ValueError(f"--min-gain must be a finite number >= 0, got {cfg.min_gain}")
     if not math.isfinite(cfg.step_sleep) or cfg.step_sleep < 0:
         raise ValueError(f"--step-sleep must be >= 0, got {cfg.step_sleep}")
     endpoint = resolve_endpoint(cfg.endpoint)

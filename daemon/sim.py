@@ -43,6 +43,7 @@ class SimConfig:
     steps: int | None = None          # stop after this many steps (None: until shutdown)
     policy: str = "default"
     threshold: float = 1.1
+    min_gain: float = 0.01            # a layer moves only when its predicted imbalance drops by more
     comm_timeout: float = 30.0
     plan_timeout: float = 30.0
     max_ops: int = 64
@@ -148,7 +149,8 @@ def _coordinator(cfg: SimConfig, shape: Any, store: Any, layer_ids: list[int], f
               "staging_bytes": 0}
     control = Control(Topology(shape.num_ranks, shape.slots), shape.num_experts, cfg.window,
                       shape.num_ranks * shape.tokens, agent_cfg.layers_per_step, shape.expert_bytes,
-                      memory, planner, cfg.policy, cfg.threshold, faults, layer_ids, cfg.staging_slots)
+                      memory, planner, cfg.policy, cfg.threshold, faults, layer_ids, cfg.staging_slots,
+                      cfg.min_gain)
     key = open(cfg.key_file, "rb").read().strip() if cfg.key_file else None
     info = {"daemon": "eplbd sim", "ranks": shape.num_ranks, "layers": shape.num_layers,
             "experts": shape.num_experts, "slots_per_device": shape.slots, "model_layers": layer_ids}

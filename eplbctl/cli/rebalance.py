@@ -102,9 +102,12 @@ def result_table(job: dict[str, Any]) -> Table:
 
 
 def request_content(layers: list[int] | None, auto: bool, threshold: float | None, policy: str | None,
-                    params: dict[str, str], dry_run: bool) -> dict[str, Any]:
-    return {"layers": layers, "auto": auto, "threshold": threshold, "policy": policy,
-            "params": params, "dry_run": dry_run}
+                    params: dict[str, str], dry_run: bool, min_gain: float | None = None) -> dict[str, Any]:
+    content = {"layers": layers, "auto": auto, "threshold": threshold, "policy": policy,
+               "params": params, "dry_run": dry_run}
+    if min_gain is not None:
+        content["min_gain"] = min_gain
+    return content
 
 
 def finite_or_none(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
@@ -149,6 +152,8 @@ def wait_for_job(obj: CliContext, term: Terminal, job: dict[str, Any], quiet: bo
               help="Imbalance above which a layer is worth changing (default: the daemon's).")
 @click.option("--policy", metavar="NAME", help="Placement policy (see 'eplbctl policy list').")
 @param_option
+@click.option("--min-gain", type=click.FloatRange(min=0.0), metavar="G", callback=finite_or_none,
+              help="Move a layer only if its predicted imbalance drops by more than G (default: the daemon's).")
 @click.option("--dry-run", is_flag=True, help="Only show the plan; change nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Follow the job until it ends.")
@@ -156,7 +161,8 @@ def wait_for_job(obj: CliContext, term: Terminal, job: dict[str, Any], quiet: bo
 @pass_ctx
 @handle_errors
 def rebalance(obj: CliContext, spec: str | None, auto: bool, threshold: float | None, policy: str | None,
-              params: tuple[str, ...], dry_run: bool, yes: bool, wait: bool, as_json: bool) -> None:
+              params: tuple[str, ...], min_gain: float | None, dry_run: bool, yes: bool, wait: bool,
+              as_json: bool) -> None:
     """Redeploy experts of chosen layers (--layers SPEC) or of the worst ones (--auto)."""
     if (spec is None) == (not auto):
         raise click.UsageError("give exactly one of --layers SPEC or --auto")
@@ -166,7 +172,7 @@ def rebalance(obj: CliContext, spec: str | None, auto: bool, threshold: float | 
 
     if dry_run or not yes:
         plan = field(obj.request("rebalance", request_content(layers, auto, threshold, policy, param_dict,
-                                                              dry_run=True)), "plan")
+                                                              dry_run=True, min_gain=min_gain)), "plan")
         if dry_run:
             if as_json:
                 term.json({"plan": plan})
@@ -186,7 +192,7 @@ def rebalance(obj: CliContext, spec: str | None, auto: bool, threshold: float | 
             raise CliError("aborted; nothing was changed", EXIT_FAILURE)
 
     job = field(obj.request("rebalance", request_content(layers, auto, threshold, policy, param_dict,
-                                                         dry_run=False)), "job")
+                                                         dry_run=False, min_gain=min_gain)), "job")
     if not wait:
         if as_json:
             term.json({"job": job})
