@@ -65,6 +65,8 @@ def test_rebalance_moves_real_weights_and_output_stays_bit_identical(sim):
 
         verdict = c.request("verify", {})
         assert verdict["ok"] and verdict["baseline"] == verdict["current"] and verdict["weights_ok"]
+        gated = c.request("rebalance", {"layers": [worst], "dry_run": True, "min_gain": 0.05})["plan"]
+        assert not gated["layers"][0]["change"] and gated["layers"][0]["moves"] == 0   # not worth moving again
         prof = c.request("profile", {"last": 1})["records"][-1]
         assert prof["layers"] == [worst] and prof["bytes"] > 0
         assert prof["per_layer"][0]["transfer_s"] > 0 and prof["phases"]["policy_s"] > 0
