@@ -104,3 +104,15 @@ def test_bad_requests_get_errors_and_the_daemon_keeps_serving(sim):
     raw.close()
     with sim.client() as c:
         assert c.request("status", {})["fault"] is None
+
+
+def test_the_demo_runs_end_to_end_on_a_real_deployment(tmp_path):
+    """The README's main job, for real: eplbctl demo starts eplbd sim, rebalances, verifies, stops."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "eplbctl.cli", "demo", "--ranks", "2", "--layers", "6"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, start_new_session=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "model output is bit-identical to the baseline" in out.stdout
+    assert "demo passed" in out.stdout
