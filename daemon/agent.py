@@ -124,16 +124,7 @@ class Agent:
 
     def _warmup(self) -> None:
         """Touch staging buffers and open the P2P links once, so the first real move is not the slow one."""
-        if self.world > 1:
-            buf = self.engine.staging[0][0]
-            right, left = (self.rank + 1) % self.world, (self.rank - 1) % self.world
-            recv = torch.empty_like(buf)
-            works = dist.batch_isend_irecv([dist.P2POp(dist.isend, buf, right, self.xfer),
-                                            dist.P2POp(dist.irecv, recv, left, self.xfer)])
-            for w in works:
-                w.wait()
-        for b in self.engine.staging:
-            b.zero_()
+        self.engine.warm_up(self.world)
 
     # ---- the step loop ----------------------------------------------------------------------
 

@@ -1,9 +1,13 @@
 """Redeployment of one layer: the transfer plan (data, identical on every rank) and its execution.
 
 Phases of a layer, in order:  PLANNED -> STAGING -> STAGED (verified) -> voted -> COMMITTED | ABORTED.
-Receives land in reusable staging buffers while the live weights keep serving; nothing live changes
+Receives land in a reusable staging buffer while the live weights keep serving; nothing live changes
 before every rank has voted that its staged tensors verified. Sends read live slots, which stay
-untouched until the commit, so no staging buffer is ever read and overwritten at once.
+untouched until the commit, so no staging row is ever read and overwritten at once.
+
+Staging is one byte buffer `[capacity, row_bytes]`: a row holds every per-expert tensor of one expert
+(each at an aligned offset) followed by their checksums, so the experts one sender ships to one peer
+in a batch travel as a single message, whatever the number of per-expert tensors.
 """
 
 from __future__ import annotations
@@ -84,35 +88,79 @@ def plan_layer(old: np.ndarray, new: np.ndarray) -> list[Move]:
     return moves
 
 
-_POSITION_WEIGHTS: dict[int, torch.Tensor] = {}
+_POSITION_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
 
 
-def checksum(tensor: torch.Tensor) -> torch.Tensor:
-    """Exact, order-sensitive fingerprint of a float32 tensor's bits -> int64 scalar on its device."""
-    flat = tensor.reshape(-1).view(torch.int32).to(torch.int64)
-    key = flat.numel()
-    weights = _POSITION_WEIGHTS.get(key)
-    if weights is None or weights.device != flat.device:
-        weights = torch.arange(key, dtype=torch.int64, device=flat.device) % 251 + 1
-        _POSITION_WEIGHTS[key] = weights
-    return (flat * weights).sum()
+def _words(rows: torch.Tensor) -> torch.Tensor:
+    """[n, ...] any dtype -> [n, W] int32: each row's bytes as 32-bit words (byte by byte when 4 does not divide)."""
+    n = rows.shape[0]
+    raw = rows.contiguous().view(torch.uint8).reshape(n, -1)
+    if raw.shape[1] % 4 == 0:
+        return raw.view(torch.int32)
+    return raw.to(torch.int32)
 
 
 def batch_checksums(batch: torch.Tensor) -> torch.Tensor:
-    """[n, ...] float32 -> [n] int64, row i equal to checksum(batch[i])."""
-    n = batch.shape[0]
-    flat = batch.reshape(n, -1).view(torch.int32).to(torch.int64)
-    key = flat.shape[1]
+    """[n, ...] -> [n] int64: exact, order-sensitive fingerprint of each row's bits.
+
+    Words times position weights in wrapping int32 (deterministic on every device), summed in int64:
+    a third of the cost of widening every word first, which matters because verify sits on the stall.
+    """
+    words = _words(batch)
+    key = (words.shape[1], str(words.device))
     weights = _POSITION_WEIGHTS.get(key)
-    if weights is None or weights.device != flat.device:
-        weights = torch.arange(key, dtype=torch.int64, device=flat.device) % 251 + 1
+    if weights is None:
+        weights = (torch.arange(words.shape[1], device=words.device) % 251 + 1).to(words.dtype)
         _POSITION_WEIGHTS[key] = weights
-    return (flat * weights).sum(dim=1)
+    return (words * weights).sum(dim=1, dtype=torch.int64)
+
+
+def checksum(tensor: torch.Tensor) -> torch.Tensor:
+    """One tensor's fingerprint (int64 scalar on its device); equal to its row in batch_checksums."""
+    return batch_checksums(tensor.unsqueeze(0))[0]
 
 
 def slot_checksums(tensors: list[torch.Tensor], layer: int, slot: int) -> torch.Tensor:
     """-> [T] int64: one checksum per per-expert tensor of a slot."""
     return torch.stack([checksum(t[layer, slot]) for t in tensors])
+
+
+def _align(n: int, to: int = 16) -> int:
+    return -(-n // to) * to
+
+
+class Staging:
+    """The reusable staging buffer: `capacity` rows, each one expert's tensors and their checksums.
+
+    views[k] is a [capacity, ...] view of tensor k's part of every row; sums is [capacity, T] int64.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], capacity: int) -> None:
+        offsets, at = [], 0
+        for t in tensors:
+            offsets.append(at)
+            at = _align(at + t[0, 0].numel() * t.element_size())
+        self.sums_offset = at
+        self.row_bytes = _align(at + 8 * len(tensors))
+        self.capacity = capacity
+        self.flat = torch.zeros(capacity, self.row_bytes, dtype=torch.uint8, device=tensors[0].device)
+        self.views = []
+        for t, off in zip(tensors, offsets, strict=True):
+            nbytes = t[0, 0].numel() * t.element_size()
+            part = self.flat[:, off:off + nbytes].view(t.dtype)
+            self.views.append(part.view(capacity, *t.shape[2:]))
+        self.sums = self.flat[:, at:at + 8 * len(tensors)].view(torch.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel()
+
+    def fill(self, rows: slice, tensors: list[torch.Tensor], layer: int, slots: torch.Tensor,
+             sums: torch.Tensor) -> None:
+        """Copy live slots `slots` of `layer` (and their checksums [n, T]) into staging `rows`."""
+        for view, t in zip(self.views, tensors, strict=True):
+            view[rows].copy_(t[layer].index_select(0, slots))
+        self.sums[rows].copy_(sums)
 
 
 @dataclass
@@ -130,26 +178,24 @@ class StagedLayer:
     commit_s: float = 0.0
     error: str | None = None
     n_in: list[int] = field(default_factory=list)  # staging rows each rank needs for this layer
-    _chunks: list = field(default_factory=list)   # [(chunk number, [(move index, move)])] still to send
-    _works: list = field(default_factory=list)
-    _keep: list = field(default_factory=list)     # send buffers alive until their wait
-    _recv_works: list = field(default_factory=list)
-    _landings: list = field(default_factory=list)  # (sender checksums buffer, staging rows)
-    _done: list = field(default_factory=list)     # completion times of the P2P works (when known)
+    _chunks: list = field(default_factory=list)    # [(chunk number, [(move index, move)])] still to run
+    _works: list = field(default_factory=list)     # the P2P works of the chunk in flight
+    _done: list = field(default_factory=list)      # completion times of the P2P works (when known)
 
 
-# Tags: per-expert messages use move index * 8 + tensor; packed runs and checksums live above them.
+# Tags: per-expert fallback messages use move index * 8 + part; packed runs live above them.
 PACK_TAG = 1 << 22
-SUMS_TAG = 1 << 24
 
 
 class TransferEngine:
     """Moves expert weights of one layer at a time between ranks over a dedicated process group.
 
-    Senders ship, beside the weights, the checksums they computed from those very slots when the
-    slots were last written (`slot_sums`), one message per peer and chunk; receivers check what
-    arrived against them and against the expert's known checksum, so corruption in flight and a
-    wrong source slot are both caught before anything is committed.
+    A layer's remote moves go in chunks; each chunk is one `batch_isend_irecv` holding both its sends
+    and its receives (so no rank's queue can hold a receive whose send sits behind it, which would
+    deadlock NCCL/HCCL streams), waited before the next one. A sender packs its experts for one peer
+    into the free tail of its staging buffer, rows carrying the checksums it computed when the slots
+    were written, and ships them as one message; the receiver checks what arrived against them and
+    against the expert's known checksum, so corruption in flight and a wrong slot are both caught.
     """
 
     def __init__(self, tensors: list[torch.Tensor], rank: int, group: dist.ProcessGroup,
@@ -163,14 +209,27 @@ class TransferEngine:
         self.timeout = timedelta(seconds=timeout_s)
         self.expert_sums = expert_sums        # [L, E, T] int64: what each expert's tensors must hash to
         self.slot_sums = slot_sums            # [L, S, T] int64: checksums of this rank's live slots
-        self.staging = [torch.empty((capacity, *t.shape[2:]), dtype=t.dtype, device=t.device) for t in tensors]
-        self.recv_sums = torch.zeros(capacity, len(tensors), dtype=torch.int64, device=tensors[0].device)
+        self.buf = Staging(tensors, capacity)
+        self.expert_bytes = sum(t[0, 0].numel() * t.element_size() for t in tensors)
         self.corrupt_next = False             # fault injection: flip one staged value before verify
 
     @property
     def staging_bytes(self) -> int:
-        sizes = [b.numel() * b.element_size() for b in self.staging]
-        return sum(sizes) + self.recv_sums.numel() * self.recv_sums.element_size()
+        return self.buf.nbytes
+
+    def warm_up(self, world: int) -> None:
+        """Touch every staging page and exchange half a buffer with every peer, so the first real
+        layer does not pay for page faults and lazily opened links."""
+        self.buf.flat.zero_()
+        half = self.capacity // 2
+        if world > 1 and half:
+            for shift in range(1, world):
+                ops = [dist.P2POp(dist.isend, self.buf.flat[:half], (self.rank + shift) % world, self.group),
+                       dist.P2POp(dist.irecv, self.buf.flat[half:2 * half], (self.rank - shift) % world,
+                                  self.group)]
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait(self.timeout)
+        self.buf.flat.zero_()
 
     def prepare(self, layer: int, old: np.ndarray, new: np.ndarray) -> StagedLayer:
         start = time.perf_counter()
@@ -185,53 +244,49 @@ class TransferEngine:
         if len(incoming) > self.capacity:
             raise TransferError(f"layer {layer} needs {len(incoming)} staging slots on rank {self.rank}, "
                                 f"capacity is {self.capacity}")
-        staged._chunks = self._chunks(moves, staged.n_in)
+        staged._chunks = list(enumerate(self._chunks(moves, staged.n_in)))
         staged.plan_s = time.perf_counter() - start
         return staged
 
     def launch(self, staged: StagedLayer) -> None:
-        """Start the local copies and the first chunk of receives/sends; returns without waiting."""
+        """Stage the local copies and start the first chunk; returns without waiting."""
         staged.started = time.perf_counter()
         staged.phase = Phase.STAGING
         self._where = {m: i for i, m in enumerate(staged.incoming)}
-        for i, m in enumerate(staged.incoming):
-            if m.local:
-                for buf, t in zip(self.staging, self.tensors, strict=True):
-                    buf[i].copy_(t[staged.layer, m.src_slot])
-                self.recv_sums[i] = self.slot_sums[staged.layer, m.src_slot]
-        chunks = list(enumerate(staged._chunks))
-        staged._recv_works = self._post([op for no, c in chunks for op in self._recv_ops(staged, no, c)], staged)
-        staged._chunks = chunks
-        if chunks:
-            chunk_no, chunk = staged._chunks.pop(0)
-            staged._works = self._post(self._send_ops(staged, chunk_no, chunk), staged)
-
-    def _chunks(self, moves: list[Move], n_in: list[int]) -> list[list[tuple[int, Move]]]:
-        """Split the remote moves into batches every rank derives alike from the global plan.
-
-        Each batch takes from every sender at most `max_ops` moves and no more than fit the free tail
-        of its staging buffer, so all senders work at once and each can pack its part of a batch.
-        """
-        by_sender: dict[int, list[tuple[int, Move]]] = {}
-        for index, m in enumerate(moves):
-            if not m.local:
-                by_sender.setdefault(m.src_rank, []).append((index, m))
-        quota = {src: max(1, min(self.max_ops, self.capacity - n_in[src])) for src in by_sender}
-        rounds = max((-(-len(v) // quota[src]) for src, v in by_sender.items()), default=0)
-        return [[item for src in sorted(by_sender) for item in by_sender[src][c * quota[src]:(c + 1) * quota[src]]]
-                for c in range(rounds)]
+        self._next_chunk(staged)
+        local = [m for m in staged.incoming if m.local]     # first in staging order; copied while the chunk flies
+        if local:
+            slots = torch.tensor([m.src_slot for m in local], dtype=torch.int64)
+            self.buf.fill(slice(0, len(local)), self.tensors, staged.layer, slots,
+                          self.slot_sums[staged.layer, slots])
 
     def _packs(self, staged: StagedLayer, rank: int, outgoing: int) -> bool:
         """Whether `rank` packs its sends of a chunk into the free tail of its staging buffer.
 
         Every rank derives this from the global plan alone, so receivers know the message shapes.
-        Packing turns one message per expert tensor into one per peer; without room it falls back.
         """
         return 0 < outgoing <= self.capacity - staged.n_in[rank]
 
+    def _chunks(self, moves: list[Move], n_in: list[int]) -> list[list[tuple[int, Move]]]:
+        """Split the remote moves into batches every rank derives alike from the global plan.
+
+        Each batch takes from every sender as many moves as fit the free tail of its staging buffer
+        (packed: one op per peer), or, without a tail, as many as keep its ops within `max_ops`.
+        """
+        by_sender: dict[int, list[tuple[int, Move]]] = {}
+        for index, m in enumerate(moves):
+            if not m.local:
+                by_sender.setdefault(m.src_rank, []).append((index, m))
+        parts = len(self.tensors) + 1
+        quota = {src: self.capacity - n_in[src] if self.capacity > n_in[src]
+                 else max(1, self.max_ops // parts) for src in by_sender}
+        rounds = max((-(-len(v) // quota[src]) for src, v in by_sender.items()), default=0)
+        return [[item for src in sorted(by_sender) for item in by_sender[src][c * quota[src]:(c + 1) * quota[src]]]
+                for c in range(rounds)]
+
     def _split(self, chunk: list[tuple[int, Move]]) -> tuple[dict, dict, dict]:
         out_count: dict[int, int] = {}
-        to_peer: dict[int, list[tuple[int, Move]]] = {}
+        to_peer: dict[int, list[Move]] = {}
         from_peer: dict[int, list[tuple[int, Move]]] = {}
         for index, m in chunk:
             out_count[m.src_rank] = out_count.get(m.src_rank, 0) + 1
@@ -241,61 +296,50 @@ class TransferEngine:
                 from_peer.setdefault(m.src_rank, []).append((index, m))
         return out_count, to_peer, from_peer
 
-    def _send_ops(self, staged: StagedLayer, chunk_no: int, chunk: list[tuple[int, Move]]) -> list:
-        """This rank's sends of one chunk, packed into the staging tail when there is room."""
-        out_count, to_peer, _ = self._split(chunk)
-        layer, ops = staged.layer, []
+    def _chunk_ops(self, staged: StagedLayer, chunk_no: int, chunk: list[tuple[int, Move]]) -> list:
+        """This rank's sends and receives of one chunk; sends packed into the staging tail when possible."""
+        out_count, to_peer, from_peer = self._split(chunk)
+        layer, ops, buf = staged.layer, [], self.buf
         row = staged.n_in[self.rank]
         packing = self._packs(staged, self.rank, out_count.get(self.rank, 0))
         for peer in sorted(to_peer):
             moves = to_peer[peer]
-            slots = [m.src_slot for _, m in moves]
+            slots = torch.tensor([m.src_slot for _, m in moves], dtype=torch.int64)
             if packing:
-                idx = torch.tensor(slots, dtype=torch.int64, device=self.recv_sums.device)
-                for k, (buf, t) in enumerate(zip(self.staging, self.tensors, strict=True)):
-                    packed = buf[row:row + len(moves)]
-                    torch.index_select(t[layer], 0, idx, out=packed)
-                    ops.append(dist.P2POp(dist.isend, packed, peer, self.group, PACK_TAG + chunk_no * 8 + k))
+                rows = slice(row, row + len(moves))
+                buf.fill(rows, self.tensors, layer, slots, self.slot_sums[layer, slots])
+                ops.append(dist.P2POp(dist.isend, buf.flat[rows], peer, self.group, PACK_TAG + chunk_no))
                 row += len(moves)
             else:
                 for index, m in moves:
-                    for k, t in enumerate(self.tensors):
-                        ops.append(dist.P2POp(dist.isend, t[layer, m.src_slot], peer, self.group, index * 8 + k))
-            staged.bytes_sent += len(moves) * sum(t[layer, 0].numel() * t.element_size() for t in self.tensors)
-            sums = self.slot_sums[layer, slots].contiguous()                          # [n, T]
-            staged._keep.append(sums)
-            ops.append(dist.P2POp(dist.isend, sums, peer, self.group, SUMS_TAG + chunk_no))
-        return ops
-
-    def _recv_ops(self, staged: StagedLayer, chunk_no: int, chunk: list[tuple[int, Move]]) -> list:
-        """This rank's receives of one chunk, straight into their staging rows."""
-        out_count, _, from_peer = self._split(chunk)
-        ops = []
+                    parts = [t[layer, m.src_slot] for t in self.tensors] + [self.slot_sums[layer, m.src_slot]]
+                    ops += [dist.P2POp(dist.isend, p, peer, self.group, index * 8 + k) for k, p in enumerate(parts)]
+            staged.bytes_sent += len(moves) * self.expert_bytes
         for peer in sorted(from_peer):
             moves = from_peer[peer]
             rows = [self._where[m] for _, m in moves]        # contiguous: staging is ordered by source
             if self._packs(staged, peer, out_count[peer]):
-                for k, buf in enumerate(self.staging):
-                    ops.append(dist.P2POp(dist.irecv, buf[rows[0]:rows[-1] + 1], peer, self.group,
-                                          PACK_TAG + chunk_no * 8 + k))
+                ops.append(dist.P2POp(dist.irecv, buf.flat[rows[0]:rows[-1] + 1], peer, self.group,
+                                      PACK_TAG + chunk_no))
             else:
                 for (index, _), i in zip(moves, rows, strict=True):
-                    for k, buf in enumerate(self.staging):
-                        ops.append(dist.P2POp(dist.irecv, buf[i], peer, self.group, index * 8 + k))
-            staged.bytes_recv += len(moves) * sum(b[0].numel() * b.element_size() for b in self.staging)
-            landing = torch.empty(len(rows), len(self.tensors), dtype=torch.int64)
-            staged._landings.append((landing, rows))
-            ops.append(dist.P2POp(dist.irecv, landing, peer, self.group, SUMS_TAG + chunk_no))
+                    parts = [v[i] for v in buf.views] + [buf.sums[i]]
+                    ops += [dist.P2POp(dist.irecv, p, peer, self.group, index * 8 + k) for k, p in enumerate(parts)]
+            staged.bytes_recv += len(moves) * self.expert_bytes
         return ops
 
-    def _post(self, ops: list, staged: StagedLayer) -> list:
-        works = dist.batch_isend_irecv(ops) if ops else []
-        for work in works:
+    def _next_chunk(self, staged: StagedLayer) -> None:
+        if not staged._chunks:
+            staged._works = []
+            return
+        chunk_no, chunk = staged._chunks.pop(0)
+        ops = self._chunk_ops(staged, chunk_no, chunk)
+        staged._works = dist.batch_isend_irecv(ops) if ops else []
+        for work in staged._works:
             _on_done(work, staged._done)
-        return works
 
-    def _wait_all(self, works: list, staged: StagedLayer) -> None:
-        for work in works:
+    def _wait_chunk(self, staged: StagedLayer) -> None:
+        for work in staged._works:
             if not work.wait(self.timeout):
                 raise TransferError(f"layer {staged.layer}: a transfer did not finish within "
                                     f"{self.timeout.total_seconds():.0f}s")
@@ -303,24 +347,16 @@ class TransferEngine:
     def wait(self, staged: StagedLayer) -> bool:
         """Finish all chunks and verify what arrived; False (with `error`) instead of raising."""
         try:
-            # Receives were all posted at launch; sends go chunk by chunk, because the next chunk is
-            # packed into the same staging tail only once the previous chunk's sends are done.
-            while staged._chunks:
-                self._wait_all(staged._works, staged)
-                staged._keep = []
-                chunk_no, chunk = staged._chunks.pop(0)
-                staged._works = self._post(self._send_ops(staged, chunk_no, chunk), staged)
-            self._wait_all(staged._works, staged)
-            self._wait_all(staged._recv_works, staged)
-            staged._works, staged._recv_works, staged._keep = [], [], []
-            for landing, rows in staged._landings:
-                self.recv_sums[rows] = landing
-            staged._landings = []
+            self._wait_chunk(staged)
+            while staged._chunks:       # the staging tail is reused, so chunk by chunk
+                self._next_chunk(staged)
+                self._wait_chunk(staged)
+            staged._works = []
             # launch -> last byte, not -> when we looked: the wait comes only after a forward step
             finished = max(staged._done) if staged._done else time.perf_counter()
             staged.transfer_s = finished - staged.started
             if self.corrupt_next and staged.incoming:
-                self.staging[0][0].view(-1)[0] += 1.0
+                self.buf.views[0][0].view(-1)[0] += 1
                 self.corrupt_next = False
             verify_start = time.perf_counter()
             self._verify(staged)
@@ -337,10 +373,9 @@ class TransferEngine:
         n = len(staged.incoming)
         if n == 0:
             return
-        expected = self.expert_sums[staged.layer]
-        want = expected[[m.expert for m in staged.incoming]]                        # [n, T]
-        got = torch.stack([batch_checksums(buf[:n]) for buf in self.staging], dim=1)  # [n, T]
-        sent_bad = (self.recv_sums[:n] != want).any(dim=1)
+        want = self.expert_sums[staged.layer][[m.expert for m in staged.incoming]]           # [n, T]
+        got = torch.stack([batch_checksums(v[:n]) for v in self.buf.views], dim=1)             # [n, T]
+        sent_bad = (self.buf.sums[:n] != want).any(dim=1)
         got_bad = (got != want).any(dim=1)
         if bool(sent_bad.any()):
             m = staged.incoming[int(sent_bad.nonzero()[0])]
@@ -350,14 +385,15 @@ class TransferEngine:
             m = staged.incoming[int(got_bad.nonzero()[0])]
             raise TransferError(f"layer {staged.layer}: expert {m.expert} arrived corrupted on rank "
                                 f"{self.rank} slot {m.dst_slot} (checksum mismatch)")
-        self._verified = want
 
     def commit(self, staged: StagedLayer) -> None:
-        """Copy verified staging buffers into their live slots (in place, tensors never reallocated)."""
+        """Copy verified staging rows into their live slots (in place, tensors never reallocated)."""
         start = time.perf_counter()
-        for i, m in enumerate(staged.incoming):
-            for buf, t in zip(self.staging, self.tensors, strict=True):
-                t[staged.layer, m.dst_slot].copy_(buf[i])
-            self.slot_sums[staged.layer, m.dst_slot] = self.expert_sums[staged.layer, m.expert]
+        n = len(staged.incoming)
+        if n:
+            dst = torch.tensor([m.dst_slot for m in staged.incoming], dtype=torch.int64)
+            for view, t in zip(self.buf.views, self.tensors, strict=True):
+                t[staged.layer].index_copy_(0, dst, view[:n])
+            self.slot_sums[staged.layer].index_copy_(0, dst, self.buf.sums[:n])
         staged.phase = Phase.COMMITTED
         staged.commit_s = time.perf_counter() - start
