@@ -31,7 +31,7 @@ from eplbd.aggregator import gather_rows
 from eplbd.faults import Faults
 from eplbd.moe import Maps, SimMoE, digest
 from eplbd.recorder import SlotRecorder
-from eplbd.transfer import StagedLayer, TransferEngine, slot_checksums
+from eplbd.transfer import StagedLayer, TransferEngine, batch_checksums
 
 from eplbctl.placement import log2phy, replica_counts
 
@@ -94,9 +94,9 @@ class Agent:
     # ---- start-up -------------------------------------------------------------------------
 
     def _live_checksums(self) -> torch.Tensor:
-        tensors = self.model.store.tensors
         L, S = self.shape.num_layers, self.shape.slots
-        return torch.stack([torch.stack([slot_checksums(tensors, la, s) for s in range(S)]) for la in range(L)])
+        sums = [batch_checksums(t.reshape(L * S, *t.shape[2:])) for t in self.model.store.tensors]  # T x [L*S]
+        return torch.stack(sums, dim=1).view(L, S, -1)                                             # [L, S, T]
 
     def _gather_all_checksums(self) -> torch.Tensor:
         """-> [L, N, S, T] checksums of every live slot of every rank."""
