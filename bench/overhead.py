@@ -203,6 +203,8 @@ def rank_main(rank: int, args: argparse.Namespace, store: str, queue) -> None:
         "layer_bytes": model.shape.slots * model.shape.expert_bytes, "layers": L,
         "slots": model.shape.slots,
     }))
+    queue.close()
+    queue.join_thread()   # os._exit would kill the feeder thread before the result is in the pipe
     dist.barrier()
     os._exit(0)
 
@@ -297,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                     dead = [p.name for p in procs if p.exitcode not in (None, 0)]
                     if dead:
                         raise SystemExit(f"bench: {', '.join(dead)} failed") from None
+                    if all(p.exitcode is not None for p in procs):
+                        raise SystemExit("bench: every rank exited but some results never arrived") from None
                     continue
                 results[rank] = res
         finally:

