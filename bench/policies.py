@@ -1,6 +1,7 @@
 """Policy benchmark (issue 3): every policy side by side on the real heat, plus the targeted scenarios.
 
     python bench/policies.py [--quick] [--data ../shared/data] [--json bench/policies.json]
+                             [--table-only] [--files decode_in1000out1000,...]
 
 Sections: (1) every heat file x {EP8+8, EP8+16, EP32 one spare per device (288 for DeepSeek-V3), EP64 +64
 (320), EP32 and EP64 without redundancy, 8 groups on 4 nodes}: imbalance mean/p90/max over layers,
@@ -28,6 +29,8 @@ from eplbctl.metrics import device_loads, predicted_imbalance, summarize
 from eplbctl.placement import contiguous_placement, count_moves
 from eplbctl.planning import make_plan
 from eplbctl.policies import Topology, get_policy
+from eplbctl.policies.bounds import no_redundancy_bound
+from eplbctl.policies.locality import crossing_share, strict_bound
 
 POLICIES = ("default", "swift", "flashlb", "random")
 
@@ -103,7 +106,11 @@ def configs(num_experts: int) -> list[tuple[str, Topology]]:
     return out
 
 
-def run_policy(name: str, heat: np.ndarray, topo: Topology, params: dict | None = None) -> dict:
+def run_policy(name: str, heat: np.ndarray, topo: Topology, params: dict | None = None,
+               bound: np.ndarray | None = None) -> dict:
+    """One policy on one configuration -> a table row. bound [L]: a per-layer lower bound on the imbalance
+    (no redundancy: ``no_redundancy_bound``; nodes and groups: ``strict_bound``), reported next to the mean
+    with the per-layer ratio; with nodes and groups the row also reports the share of tokens crossing nodes."""
     cur = contiguous_placement(heat.shape[-2], heat.shape[-1], topo.num_devices, topo.slots_per_device)
     window = heat.sum(axis=0) if heat.ndim == 3 else heat
     t0 = time.perf_counter()
@@ -118,28 +125,51 @@ def run_policy(name: str, heat: np.ndarray, topo: Topology, params: dict | None 
         seconds = time.perf_counter() - t0
         placement, moves, mode = plan.placement, sum(lp.moves for lp in plan.layers), plan.mode
     imb = predicted_imbalance(placement, window)
-    return {"policy": name if not params else f"{name}({','.join(f'{k}={v}' for k, v in params.items())})",
-            "mode": mode, **{k: round(v, 4) for k, v in summarize(imb).items()},
-            "duplicates": duplicates(placement), "moves_share": round(moves / placement.size, 3),
-            "seconds": round(seconds, 3)}
+    row = {"policy": name if not params else f"{name}({','.join(f'{k}={v}' for k, v in params.items())})",
+           "mode": mode, **{k: round(v, 4) for k, v in summarize(imb).items()},
+           "duplicates": duplicates(placement), "moves_share": round(moves / placement.size, 3),
+           "seconds": round(seconds, 3)}
+    if bound is not None:
+        ratio = imb / bound
+        row.update(bound=round(float(bound.mean()), 4), vs_bound_mean=round(float(ratio.mean()), 5),
+                   vs_bound_max=round(float(ratio.max()), 5), within_1pct=int((ratio <= 1.01).sum()),
+                   layers=len(imb))
+    if topo.hierarchical:
+        share = crossing_share(placement, window, int(topo.num_nodes), int(topo.num_groups))
+        totals = window.sum(axis=1)
+        row["crossing"] = round(float((share * totals).sum() / max(totals.sum(), 1e-300)), 4)
+    return row
 
 
-def section_files(data: Path, quick: bool) -> list[dict]:
+def config_bound(heat: np.ndarray, topo: Topology) -> np.ndarray | None:
+    """heat [L, E] -> the per-layer imbalance lower bound the table shows for this configuration, if any."""
+    if topo.num_physical == heat.shape[1]:
+        return no_redundancy_bound(heat, topo.num_devices, topo.slots_per_device)
+    if topo.hierarchical:
+        return strict_bound(heat, topo.num_devices, int(topo.num_nodes), int(topo.num_groups))
+    return None
+
+
+def section_files(data: Path, quick: bool, stems: list[str] | None = None) -> list[dict]:
     files = sorted((data / "heat").glob("*/*.json"))
     if quick:
         files = [f for f in files if f.stem in ("decode_in1000out1000", "qwen2_57b_a14b")]
+    if stems:
+        files = [f for f in files if f.stem in stems]
     rows = []
     for path in files:
         heat = load_heat(path).total()
         for label, topo in configs(heat.shape[1]):
+            bound = config_bound(heat, topo)
             names = ["reference", *POLICIES]
             for name in names:
                 if name == "reference" and topo.hierarchical:
                     continue
-                rows.append({"file": path.stem, "config": label, **run_policy(name, heat, topo)})
+                rows.append({"file": path.stem, "config": label, **run_policy(name, heat, topo, bound=bound)})
             if topo.hierarchical:
                 rows.append({"file": path.stem, "config": label,
-                             **run_policy("flashlb", heat, topo, {"locality": "relaxed"})})
+                             **run_policy("flashlb", heat, topo, {"locality": "relaxed", "cross_share": 0.10},
+                                          bound=bound)})
             print(f"  {path.stem} {label}", file=sys.stderr, flush=True)
     return rows
 
@@ -249,13 +279,35 @@ def section_runtime(data: Path, repeats: int) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'file':24} {'config':22} {'policy':26} {'mean':>7} {'p90':>7} {'max':>7} {'dup':>4} "
-            f"{'moves':>6} {'sec':>6}")
+    """bound: mean per-layer lower bound (no redundancy; strict locality for 4n/8g rows); cross: share of
+    tokens served off their home node (4n/8g rows)."""
+    head = (f"{'file':24} {'config':22} {'policy':42} {'mean':>7} {'p90':>7} {'max':>7} {'bound':>7} "
+            f"{'cross':>6} {'dup':>4} {'moves':>6} {'sec':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['file']:24} {r['config']:22} {r['policy']:26} {r['mean']:7.4f} {r['p90']:7.4f} {r['max']:7.4f} "
-              f"{r['duplicates']:4d} {r['moves_share']:6.1%} {r['seconds']:6.3f}")
+        bound = f"{r['bound']:7.4f}" if "bound" in r else f"{'':7}"
+        cross = f"{r['crossing']:6.1%}" if "crossing" in r else f"{'':6}"
+        print(f"{r['file']:24} {r['config']:22} {r['policy']:42} {r['mean']:7.4f} {r['p90']:7.4f} {r['max']:7.4f} "
+              f"{bound} {cross} {r['duplicates']:4d} {r['moves_share']:6.1%} {r['seconds']:6.3f}")
+
+
+def print_targets(rows: list[dict]) -> None:
+    """One line per flashlb row that has a bound: no redundancy against its lower bound; strict locality
+    against the best node-level assignment (target: every layer within 1 %); relaxed with its crossing."""
+    print()
+    for r in rows:
+        if not r["policy"].startswith("flashlb") or "bound" not in r:
+            continue
+        head = f"{r['file']} {r['config']} {r['policy']}: mean {r['mean']:.4f}"
+        if "crossing" not in r:
+            print(f"{head}, no-redundancy lower bound {r['bound']:.4f} (per layer at most "
+                  f"{r['vs_bound_max'] - 1:.2%} above it)")
+        elif r["policy"] == "flashlb":
+            print(f"{head}, strict vs the best node-level assignment: mean ratio {r['vs_bound_mean']:.5f}, "
+                  f"max {r['vs_bound_max']:.5f}, {r['within_1pct']} of {r['layers']} layers within 1 %")
+        else:
+            print(f"{head}, tokens crossing nodes {r['crossing']:.2%}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,10 +315,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="CI-sized run: 2 files, 40 small instances")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data"))
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--table-only", action="store_true", help="only section (1), the table and its targets")
+    ap.add_argument("--files", default=None, help="comma-separated heat file stems for the table (default: all)")
     args = ap.parse_args(argv)
     data = Path(args.data)
     ds = data / "heat/deepseek_v3"
     result: dict = {"quick": args.quick}
+    stems = args.files.split(",") if args.files else None
+    if args.table_only:
+        result["table"] = section_files(data, args.quick, stems)
+        print_table(result["table"])
+        print_targets(result["table"])
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return 0
     result["flashlb_example"] = section_flashlb_example()
     result["small_vs_exact"] = section_small(40 if args.quick else 200)
     decode = load_heat(ds / "decode_in1000out1000.json").total()
@@ -277,8 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     result["phase_change"] = section_replan(prefill, decode, ep64, {"max_moves": 0.35})
     result["temporal"] = section_temporal(data, 64)
     result["runtime"] = section_runtime(data, 3)
-    result["table"] = section_files(data, args.quick)
+    result["table"] = section_files(data, args.quick, stems)
     print_table(result["table"])
+    print_targets(result["table"])
     for key in ("flashlb_example", "small_vs_exact", "drift_2pct", "phase_change", "temporal", "runtime"):
         print(f"\n{key}: {json.dumps(result[key])}")
     if args.json:

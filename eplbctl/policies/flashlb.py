@@ -1,8 +1,9 @@
 """``flashlb``: joint replica allotment and placement by search, per layer (see ``joint.py``).
 
-- global: water-filling allotment, LPT packing, swap local search on the peak device, re-allotment
-  rounds; on small pools an exhaustive allotment search with branch-and-bound packing (the exact
-  optimum of FlashLB's own example, 196.67);
+- global: water-filling allotment, LPT packing, swap local search on the peak device with 2-for-2
+  exchanges where single swaps stall (``exchange.py``; without redundancy also from a balanced
+  differencing start), re-allotment rounds; on small pools an exhaustive allotment search with
+  branch-and-bound packing (the exact optimum of FlashLB's own example, 196.67);
 - heat series [T, L, E]: the window-sum placement is then improved on the mean per-episode imbalance
   (``temporal.py``), so experts that are hot at different times may share a device;
 - nodes and groups: ``locality=strict`` keeps every replica on its group's node (exact group-to-node

@@ -1,7 +1,7 @@
 """Joint replica allotment and placement for one pool of devices: the engine of ``flashlb``.
 
 Same glossary as ``search.py``. For one layer:
-  1. allot + pack + improve (``search.py``);
+  1. allot + pack + improve (``search.py``), then 2-for-2 exchanges where swaps stall (``exchange.py``);
   2. small pools (P <= tree_slots): every count vector whose lower bound beats the incumbent is packed,
      first greedily, then by a depth-first branch and bound with pruning on the best peak and a
      look-ahead (a device must still take its S - fill - 1 lightest replicas), under a node budget;
@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from eplbctl.policies.exchange import differencing_pack, improve_deep
 from eplbctl.policies.search import _TOL, allot, holds_of, improve, loads_of, pack
 
 
@@ -97,12 +98,20 @@ def tree_pack(h, c, num_devices, num_slots, bound, node_limit):
 
 
 @njit(cache=True)
-def _pack_improve(h, c, num_devices, num_slots, max_iter, tree_slots, node_limit):
-    """-> (assign, load, holds, tree nodes used) for counts c: LPT + swaps, then the tree search on small
+def _pack_improve(h, c, num_devices, num_slots, max_iter, tree_slots, node_limit, tol):
+    """-> (assign, load, holds, tree nodes used) for counts c: LPT + swaps and 2-for-2 exchanges
+    (``exchange.py``); without redundancy also from a differencing start; then the tree search on small
     pools."""
     assign, load, holds = pack(h, c, num_devices, num_slots)
     w = h / c
-    improve(assign, load, holds, w, max_iter)
+    improve_deep(assign, load, holds, w, max_iter, tol)
+    if num_devices * num_slots == h.shape[0] and load.max() > h.sum() / num_devices * (1.0 + tol):
+        alt = differencing_pack(h, num_devices, num_slots)  # no redundancy: a second start, keep the better
+        aload = loads_of(alt, w)
+        aholds = holds_of(alt, h.shape[0])
+        improve_deep(alt, aload, aholds, w, max_iter, tol)
+        if aload.max() < load.max() * (1.0 - _TOL):
+            assign, load, holds = alt, aload, aholds
     nodes = 0
     if num_devices * num_slots <= tree_slots and node_limit > 0:
         found, tree, _, nodes = tree_pack(h, c, num_devices, num_slots, load.max(), node_limit)
@@ -136,7 +145,7 @@ def peak_bound(h, c, num_devices, num_slots):
 
 
 @njit(cache=True)
-def enumerate_allotments(h, num_devices, num_slots, assign, limit, max_iter, node_limit):
+def enumerate_allotments(h, num_devices, num_slots, assign, limit, max_iter, node_limit, tol):
     """Exhaustive allotment search for small pools: every count vector whose bound beats the best peak
     is packed (LPT + swaps, then branch and bound).  assign [N, S] is the incumbent -> the best found."""
     num_experts = h.shape[0]
@@ -174,7 +183,7 @@ def enumerate_allotments(h, num_devices, num_slots, assign, limit, max_iter, nod
             c[order[k]] = cur[k]
         if peak_bound(h, c, num_devices, num_slots) < best * (1.0 - _TOL):
             evaluated += 1
-            cand, cload, _, used = _pack_improve(h, c, num_devices, num_slots, max_iter, total, node_limit)
+            cand, cload, _, used = _pack_improve(h, c, num_devices, num_slots, max_iter, total, node_limit, tol)
             spent += used
             if cload.max() < best * (1.0 - _TOL):
                 best = cload.max()
@@ -235,16 +244,16 @@ def _reallot(h, c, assign, load, holds, m, max_iter, width):
 def solve_layer(h, num_devices, num_slots, rounds, width, max_iter, tree_slots, node_limit, tol):
     """One layer: h [E] -> assign [N, S] minimizing the peak device load (joint allotment + placement)."""
     c = allot(h, num_devices * num_slots, num_devices)
-    assign, load, holds, _ = _pack_improve(h, c, num_devices, num_slots, max_iter, tree_slots, node_limit)
+    assign, load, holds, _ = _pack_improve(h, c, num_devices, num_slots, max_iter, tree_slots, node_limit, tol)
     if num_devices * num_slots <= tree_slots and node_limit > 0:
-        return enumerate_allotments(h, num_devices, num_slots, assign, rounds * 1000, max_iter, node_limit)
+        return enumerate_allotments(h, num_devices, num_slots, assign, rounds * 1000, max_iter, node_limit, tol)
     floor = h.sum() / num_devices
     for _ in range(rounds):
         if load.max() <= floor * (1.0 + tol):
             break
         if not _reallot(h, c, assign, load, holds, np.argmax(load), max_iter, width):
             break
-        improve(assign, load, holds, h / c, max_iter)
+        improve_deep(assign, load, holds, h / c, max_iter, tol)
     return assign
 
 

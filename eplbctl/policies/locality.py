@@ -6,6 +6,8 @@ Strict: groups go to nodes by an exact min-max partition (G / K groups per node)
 independent pool solved by ``joint.solve_layer``. Relaxed: start from strict, then swaps and
 re-allotments across nodes are allowed while the load served off its home node stays <= budget x heat.
 The crossing share of a placement = heat served by replicas off their expert's home node / total heat.
+For reports: ``crossing_share`` (the same count, blind to how nodes are numbered) and ``strict_bound``
+(what no strict placement can beat).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import itertools
 
 import numpy as np
 from numba import njit
+from scipy.optimize import linear_sum_assignment
 
+from eplbctl.policies.exchange import improve_deep_local
 from eplbctl.policies.joint import solve_layer
-from eplbctl.policies.search import _TOL, holds_of, improve, improve_local, loads_of, pack
+from eplbctl.policies.search import _TOL, holds_of, improve, loads_of, pack
 
 
 def group_nodes(group_heat: np.ndarray, nodes: int) -> np.ndarray:
@@ -179,7 +183,8 @@ def place_relaxed(h: np.ndarray, num_devices: int, slots: int, nodes: int, group
     cross = crossing_load(assign, w, home, node_of)
     holds = holds_of(assign, num_experts)
     load = loads_of(assign, w)
-    _, cross = improve_local(assign, load, holds, w, max_iter, home, node_of, share * total, cross)
+    _, cross = improve_deep_local(assign, load, holds, w, max_iter, args[5], home, node_of, share * total,
+                                  cross)
     strict_c = np.bincount(strict.ravel(), minlength=num_experts)
     if load.max() >= loads_of(strict, h / strict_c).max():  # crossing did not pay: keep strict
         return strict, 0.0
@@ -214,3 +219,49 @@ def layer_budgets(heat: np.ndarray, nodes: int, groups: int, share: float) -> np
     spare = max(budget - need.sum(), 0.0)
     extra = spare * totals / max(totals.sum(), 1e-300)
     return np.divide(need + extra, totals, out=np.zeros(num_layers), where=totals > 0)
+
+
+def crossing_share(placement: np.ndarray, heat: np.ndarray, nodes: int, groups: int) -> np.ndarray:
+    """Share of each layer's tokens that cross nodes: placement [L, N, S], heat [L, E] -> [L].
+
+    A group's home node is its node in the assignment of groups to nodes (G / K each) that keeps the most
+    tokens at home (exact, as an assignment problem over G group x G node-place pairs), so relabelling
+    nodes changes nothing and a strict placement scores 0; the load model splits an expert's tokens
+    evenly over its replicas. Never above the policy's own count (its home nodes are one such assignment).
+    A zero-heat layer has share 0."""
+    num_layers, num_devices, slots = placement.shape
+    num_experts = heat.shape[1]
+    node_of = np.repeat(np.arange(num_devices) // (num_devices // nodes), slots)  # [N * S]
+    out = np.zeros(num_layers)
+    for layer in range(num_layers):
+        h = np.asarray(heat[layer], dtype=np.float64)
+        total = h.sum()
+        if total <= 0:
+            continue
+        flat = placement[layer].ravel()
+        w = (h / np.maximum(np.bincount(flat, minlength=num_experts), 1))[flat]  # [N * S] per slot
+        served = np.zeros((groups, nodes))  # tokens of group g served on node k
+        np.add.at(served, (flat // (num_experts // groups), node_of), w)
+        gain = np.repeat(served, groups // nodes, axis=1)  # [G, G]: a node once per group it takes
+        rows, cols = linear_sum_assignment(gain, maximize=True)
+        out[layer] = max(0.0, 1.0 - gain[rows, cols].sum() / total)
+    return out
+
+
+def strict_bound(heat: np.ndarray, num_devices: int, nodes: int, groups: int) -> np.ndarray:
+    """Lower bound on the imbalance of any strict placement (every replica on its group's node): heat [L, E]
+    -> [L]. Some node carries at least the hottest node of the best group-to-node partition, and an expert
+    has at most N / K replicas on its node; either load spread over the node's N / K devices is a floor.
+    The partition is exact only for G <= 12 (``group_nodes``); beyond, the mean node load stands in."""
+    per_node = num_devices // nodes
+    out = np.ones(heat.shape[0])
+    for layer, h in enumerate(np.asarray(heat, dtype=np.float64)):
+        total = h.sum()
+        if total <= 0:
+            continue
+        gheat = h.reshape(groups, -1).sum(axis=1)
+        node_peak = total / nodes
+        if groups <= 12:
+            node_peak = np.bincount(group_nodes(gheat, nodes), weights=gheat, minlength=nodes).max()
+        out[layer] = max(node_peak, h.max()) / per_node / (total / num_devices)
+    return out
