@@ -30,6 +30,7 @@ import torch.distributed as dist
 from eplbd.aggregator import gather_rows
 from eplbd.faults import Faults
 from eplbd.moe import Maps, SimMoE, digest
+from eplbd.profiler import ERR_CODES, STAT_FIELDS
 from eplbd.recorder import SlotRecorder
 from eplbd.transfer import StagedLayer, TransferEngine, batch_checksums
 
@@ -38,9 +39,6 @@ from eplbctl.placement import log2phy, replica_counts
 log = logging.getLogger("eplbd.agent")
 
 PROBE_STEP = -1
-from eplbd.profiler import STAT_FIELDS  # noqa: E402  (one definition of the stats layout)
-
-ERR_TRANSFER, ERR_CAPACITY = 1, 2
 
 
 @dataclass
@@ -149,6 +147,7 @@ class Agent:
             except Exception as exc:
                 staged = StagedLayer(layer, [], [])
                 staged.error = str(exc)
+                staged.error_kind = "capacity" if "staging slots" in staged.error else "transfer"
                 self.inflight.append(staged)
                 continue
             self.engine.launch(staged)
@@ -197,7 +196,7 @@ class Agent:
     def _stats(self, staged: list[StagedLayer], start: float, end: float) -> torch.Tensor:
         rows = torch.full((self.config.layers_per_step, STAT_FIELDS), -1, dtype=torch.int64)
         for i, s in enumerate(staged):
-            err = 0 if s.error is None else (ERR_CAPACITY if "staging slots" in s.error else ERR_TRANSFER)
+            err = 0 if s.error is None else ERR_CODES.get(s.error_kind or "transfer", ERR_CODES["transfer"])
             rows[i] = torch.tensor([s.layer, s.bytes_recv, s.bytes_sent, int(s.transfer_s * 1e9),
                                     int(s.commit_s * 1e9), int(s.plan_s * 1e9), int(s.error is None), err,
                                     int(s.verify_s * 1e9)])

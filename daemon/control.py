@@ -169,13 +169,21 @@ class Control:
             return self._commands.popleft() if self._commands else None
 
     def set_fault(self, message: str) -> None:
+        """The deployment stopped (a rank died or hung): fail the running job, keep its profile."""
         with self._lock:
+            if self.fault is None:
+                self.events.append(message)
             self.fault = message
-            self.events.append(message)
             if self._active is not None:
                 job = self._jobs[self._active]
-                job.update(state="failed", error=message)
-                self._active = None
+                self._finish(job, "failed", self.step, message)
+
+    def update_fault(self, message: str) -> None:
+        """A better account of a fault already set (the launcher named the rank that caused it)."""
+        with self._lock:
+            if self.fault != message:
+                self.fault = message
+                self.events.append(message)
 
     # ---- request handlers (control server threads) --------------------------------------------------
 
@@ -194,7 +202,9 @@ class Control:
             return "failed"
         if self._planning:
             return "planning"
-        return "transferring" if self._active is not None else "idle"
+        if self._active is None:
+            return "idle"
+        return "queued" if self._jobs[self._active]["state"] == "queued" else "transferring"
 
     def status(self, content: dict) -> dict:
         snap = self._require_snapshot()

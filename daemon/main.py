@@ -7,7 +7,10 @@ import sys
 
 import click
 from eplbd.faults import FaultSpecError, parse_fault
+from eplbd.server import ServerError, take_over_socket
 from eplbd.sim import SimConfig
+
+from eplbctl.endpoint import ensure_endpoint_dir, resolve_endpoint
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -65,7 +68,20 @@ def sim(**opts: object) -> None:
     except ValueError as exc:
         click.echo(f"eplbd: error: {exc}", err=True)
         sys.exit(65)
+    try:   # before any rank starts: a second daemon on a live socket is one line, not tracebacks
+        check_endpoint(cfg.endpoint)
+    except ServerError as exc:
+        click.echo(f"eplbd: error: {exc}", err=True)
+        sys.exit(75)
     sys.exit(launch(cfg))
+
+
+def check_endpoint(endpoint: str | None) -> None:
+    """ServerError when a live daemon already serves the ipc endpoint (a stale socket is removed)."""
+    resolved = resolve_endpoint(endpoint)
+    path = ensure_endpoint_dir(resolved)
+    if path is not None:
+        take_over_socket(path, resolved)
 
 
 def check_config(cfg: SimConfig) -> None:

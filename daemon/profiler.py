@@ -14,7 +14,10 @@ import numpy as np
 
 # per in-flight layer: layer, bytes_recv, bytes_sent, transfer_ns, commit_ns, plan_ns, ok, err, verify_ns
 STAT_FIELDS = 9
-ERR_NAMES = {1: "transfer failed or timed out", 2: "not enough staging slots"}
+ERR_CODES = {"transfer": 1, "capacity": 2, "verify": 3, "timeout": 4}
+ERR_NAMES = {1: "transfer failed (a peer broke the connection)", 2: "not enough staging slots",
+             3: "checksum mismatch: a received expert is corrupted or came from a wrong slot",
+             4: "transfer timed out (a peer is dead or hung)"}
 
 
 @dataclass

@@ -193,32 +193,7 @@ class ControlServer:
         self._ctx = None
 
     def _remove_stale_socket(self, path: str) -> None:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            msg = f"{path} exists and is not a socket: refusing to replace it"
-            raise ServerError(msg)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            # Nobody listens: a daemon died without cleaning up. Safe to take the name over.
-            log.info("removing stale control socket %s", path)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            return
-        except OSError as exc:
-            msg = f"cannot check whether a daemon listens on {path}: {exc}"
-            raise ServerError(msg) from exc
-        finally:
-            probe.close()
-        msg = f"an eplbd daemon is already serving at {self.endpoint} (stop it or use another --endpoint)"
-        raise ServerError(msg)
+        take_over_socket(path, self.endpoint)
 
     def _remove_own_socket_file(self) -> None:
         path = ipc_path(self.endpoint)
@@ -395,3 +370,33 @@ class ControlServer:
                 text += f": {first_line}"
             reply = make_error_reply(msg.header, ErrorCode.INTERNAL, text, self.session, msg.identities)
             return serialize(reply, self.key)
+
+
+def take_over_socket(path: str, endpoint: str) -> None:
+    """Remove a stale control socket left by a dead daemon; ServerError if a live daemon serves it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        msg = f"{path} exists and is not a socket: refusing to replace it"
+        raise ServerError(msg)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        # Nobody listens: a daemon died without cleaning up. Safe to take the name over.
+        log.info("removing stale control socket %s", path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    except OSError as exc:
+        msg = f"cannot check whether a daemon listens on {path}: {exc}"
+        raise ServerError(msg) from exc
+    finally:
+        probe.close()
+    msg = f"an eplbd daemon is already serving at {endpoint} (stop it or use another --endpoint)"
+    raise ServerError(msg)

@@ -181,37 +181,45 @@ def _serve(agent: Any, model: Any, cfg: SimConfig, rank: int, control: Any, serv
         log.error("%s", message)
         if control is None:
             return 1
-        dead = _death_notice(deaths)
-        if dead:
-            message = f"{dead}; the deployment stopped at step {agent.step} (rank 0: {short_error(exc)})"
+        notices = _read_deaths(deaths, [], wait_s=3.0)
+        stopped = f"the deployment stopped at step {agent.step} (rank 0: {short_error(exc)})"
+        if notices:
+            message = f"{_cause(notices)}; {stopped}"
         control.set_fault(message)
         if not announced:
             print(f"eplbd: serving on {server.bound_endpoint} (failed: {message})", flush=True)
         if cfg.steps is not None:   # a bounded run ends here; a served one waits for the operator
             return 1
-        # keep answering status (with the fault) until told to stop
+        # keep answering status (with the fault) until told to stop; a hung rank is named once the
+        # launcher gives up on it, which is after the others have already reported
         while not control.shutdown.is_set() and not stop.is_set():
-            time.sleep(0.1)
+            before = len(notices)
+            _read_deaths(deaths, notices, wait_s=0.1)
+            if len(notices) > before:
+                control.update_fault(f"{_cause(notices)}; {stopped}")
         return 1
 
 
-def _death_notice(deaths: Any, wait_s: float = 3.0) -> str | None:
-    """The launcher reports ranks that exited; name the one that died first-hand.
-
-    A rank that lost a peer exits with code 1 after us, so the others (a signal, another code) are the
-    cause; wait a moment for the launcher to notice them.
-    """
-    notices: list[str] = []
+def _read_deaths(deaths: Any, notices: list[str], wait_s: float) -> list[str]:
+    """Append what the launcher reported about exited ranks within `wait_s` (stop early on a cause)."""
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         try:
             notices.append(deaths.get(timeout=max(0.01, deadline - time.monotonic())))
         except queue.Empty:
             break
-        if any(not n.endswith("exited with code 1") for n in notices):
+        if any(_is_cause(n) for n in notices):
             break
-    causes = [n for n in notices if not n.endswith("exited with code 1")] or notices
-    return "; ".join(causes) if causes else None
+    return notices
+
+
+def _is_cause(notice: str) -> bool:
+    # A rank that lost a peer exits with code 1 after it, so a signal, another code or a hang is the cause.
+    return not notice.endswith("exited with code 1")
+
+
+def _cause(notices: list[str]) -> str:
+    return "; ".join([n for n in notices if _is_cause(n)] or notices)
 
 
 def _exit_text(rank: int, code: int) -> str:
@@ -241,15 +249,26 @@ def launch(cfg: SimConfig) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         deadline = None
+        first_failure = None
         reported: set[int] = set()
         while procs[0].is_alive():
             for rank, p in enumerate(procs[1:], start=1):
                 code = p.exitcode             # polling also reaps it: no zombies
                 if code not in (None, 0) and rank not in reported and not stop.is_set():
                     reported.add(rank)
+                    first_failure = first_failure or time.monotonic()
                     text = _exit_text(rank, code)
                     log.error("%s", text)
                     deaths.put(text)
+            # Ranks still alive well after their peers gave up on a collective are hung: name and stop them.
+            if first_failure is not None and time.monotonic() > first_failure + cfg.comm_timeout + 5:
+                for rank, p in enumerate(procs[1:], start=1):
+                    if p.is_alive() and rank not in reported:
+                        reported.add(rank)
+                        p.kill()
+                        text = f"rank {rank} stopped answering (hung); the launcher killed it"
+                        log.error("%s", text)
+                        deaths.put(text)
             if stop.is_set() and deadline is None:
                 deadline = time.monotonic() + 15
             if deadline is not None and time.monotonic() > deadline:

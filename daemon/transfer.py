@@ -33,6 +33,20 @@ class Phase(enum.Enum):
 class TransferError(RuntimeError):
     """A layer could not be staged: a peer died or timed out, or a tensor failed verification."""
 
+    kind = "transfer"
+
+
+class VerifyError(TransferError):
+    """What arrived does not hash to the expert it should be (corrupted in flight, or a wrong slot)."""
+
+    kind = "verify"
+
+
+class TimeoutError_(TransferError):
+    """A peer did not complete its part of a batch within the time limit (dead or hung)."""
+
+    kind = "timeout"
+
 
 @dataclass(frozen=True)
 class Move:
@@ -177,6 +191,7 @@ class StagedLayer:
     verify_s: float = 0.0
     commit_s: float = 0.0
     error: str | None = None
+    error_kind: str | None = None           # "transfer" | "timeout" | "verify" | "capacity"
     n_in: list[int] = field(default_factory=list)  # staging rows each rank needs for this layer
     _chunks: list = field(default_factory=list)    # [(chunk number, [(move index, move)])] still to run
     _sends: list = field(default_factory=list)     # this rank's send works of the chunk in flight
@@ -345,7 +360,7 @@ class TransferEngine:
     def _wait_for(self, staged: StagedLayer, works: list) -> None:
         for work in works:
             if not work.wait(self.timeout):
-                raise TransferError(f"layer {staged.layer}: a transfer did not finish within "
+                raise TimeoutError_(f"layer {staged.layer}: a transfer did not finish within "
                                     f"{self.timeout.total_seconds():.0f}s")
 
     def wait(self, staged: StagedLayer) -> bool:
@@ -373,6 +388,7 @@ class TransferEngine:
         except (TransferError, RuntimeError) as exc:
             staged.transfer_s = time.perf_counter() - staged.started
             staged.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            staged.error_kind = getattr(exc, "kind", "transfer")
             staged.phase = Phase.ABORTED
             return False
 
@@ -386,11 +402,11 @@ class TransferEngine:
         got_bad = (got != want).any(dim=1)
         if bool(sent_bad.any()):
             m = staged.incoming[int(sent_bad.nonzero()[0])]
-            raise TransferError(f"layer {staged.layer}: rank {m.src_rank} sent expert {m.expert} from slot "
+            raise VerifyError(f"layer {staged.layer}: rank {m.src_rank} sent expert {m.expert} from slot "
                                 f"{m.src_slot} whose checksum does not match the expert's (wrong slot?)")
         if bool(got_bad.any()):
             m = staged.incoming[int(got_bad.nonzero()[0])]
-            raise TransferError(f"layer {staged.layer}: expert {m.expert} arrived corrupted on rank "
+            raise VerifyError(f"layer {staged.layer}: expert {m.expert} arrived corrupted on rank "
                                 f"{self.rank} slot {m.dst_slot} (checksum mismatch)")
 
     def commit(self, staged: StagedLayer) -> None:

@@ -23,7 +23,7 @@ def test_corrupted_transfer_aborts_the_layer_on_every_rank_and_keeps_output():
         before = c.request("inspect", {"layer": 2})["phy2log"]
         job = wait_job(c, c.request("rebalance", {"layers": [2]})["job"]["job_id"], settled=False)
         assert job["state"] == "failed" and "layer 2 aborted on every rank" in job["error"]
-        assert "rank 1" in job["error"]
+        assert "rank 1: checksum mismatch" in job["error"]             # named as corruption, not a timeout
         assert c.request("inspect", {"layer": 2})["phy2log"] == before        # old placement kept
         assert c.request("verify", {})["ok"]
         st = c.request("status", {})
@@ -85,7 +85,24 @@ def test_killed_rank_mid_redeployment_stops_the_others_within_the_timeout_and_st
             c.request("rebalance", {"layers": [1]})
         assert err.value.code == 503 and "failed" in str(err.value)
         assert 0 in done["done_layers"] and 1 not in done["done_layers"]
+        assert done["finished_step"] is not None
+        record = c.request("profile", {})["records"][-1]                # the failed job keeps its profile
+        assert record["job_id"] == job["job_id"] and record["per_layer"][0]["layer"] == 0
         assert before is not None
+
+
+def test_hung_rank_is_named_and_stopped_while_the_others_keep_the_old_placement():
+    args = ["--ranks", "3", *BASE, "--redundant", "2", "--comm-timeout", "4", "--fault", "hang:rank=1:layer=1"]
+    with running_sim(*args) as sim, sim.client(timeout_s=30) as c:
+        job = c.request("rebalance", {"layers": [0, 1, 2]})["job"]
+        done = wait_job(c, job["job_id"], timeout_s=60, settled=False)
+        assert done["state"] == "failed" and 1 not in done["done_layers"]
+        deadline = time.monotonic() + 40
+        fault = ""
+        while "rank 1 stopped answering" not in fault and time.monotonic() < deadline:
+            time.sleep(0.5)
+            fault = c.request("status", {})["fault"] or ""
+        assert "rank 1 stopped answering (hung)" in fault and "rank 2 exited" not in fault, fault
 
 
 def test_layer_needing_more_staging_than_a_rank_has_is_refused_before_anything_moves():
@@ -126,3 +143,16 @@ def _running(pid: str) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_second_daemon_on_a_live_endpoint_is_one_line_and_starts_no_rank():
+    import subprocess
+    import sys
+
+    with running_sim("--ranks", "2", *BASE) as sim:
+        out = subprocess.run([sys.executable, "-m", "eplbd.main", "sim", "--ranks", "2", "--endpoint", sim.endpoint],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 75
+        assert out.stderr.strip().count("\n") == 0 and "already serving" in out.stderr, out.stderr
+        with sim.client() as c:
+            assert c.request("status", {})["fault"] is None          # the first one is untouched

@@ -81,9 +81,10 @@ def profile(obj: CliContext, last: int, as_json: bool) -> None:
     memory = field(reply, "memory")
     if not isinstance(records, list) or not isinstance(memory, dict):
         raise UnexpectedReply("unexpected reply from the daemon: 'records' or 'memory' has the wrong type")
+    events = reply.get("events") if isinstance(reply.get("events"), list) else []
     term = Terminal()
     if as_json:
-        term.json({"records": records, "memory": memory})
+        term.json({"records": records, "memory": memory, "events": events})
         return
     if records:
         term.table(phases_table(records))
@@ -92,3 +93,5 @@ def profile(obj: CliContext, last: int, as_json: bool) -> None:
     else:
         term.line("no redeployment has finished yet")
     term.line(memory_line(memory))
+    for event in events[-5:]:   # failed jobs, policy errors and timeouts: why a job cost nothing
+        term.line(f"event: {event}")

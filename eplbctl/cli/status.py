@@ -96,7 +96,7 @@ def summary_lines(reply: dict[str, Any]) -> list[str]:
         f"(window {reply.get('window_steps', '-')}), tokens/step {reply.get('tokens_per_step', '-')}, "
         f"policy {reply.get('policy', '-')} (threshold {fmt_ratio(reply.get('threshold'))}), "
         f"transfer {reply.get('transfer', '-')}{job_text}, fault {fault if fault else 'none'}",
-    ]
+    ] + [f"event: {e}" for e in (reply.get("events") or [])[-3:] if isinstance(e, str)]
 
 
 def render(term: Terminal, reply: dict[str, Any], rows: list[dict[str, Any]], as_json: bool,
