@@ -32,7 +32,8 @@ from eplbd.faults import Faults
 from eplbd.moe import Maps, SimMoE, digest
 from eplbd.profiler import ERR_CODES, STAT_FIELDS
 from eplbd.recorder import SlotRecorder
-from eplbd.transfer import StagedLayer, TransferEngine, batch_checksums
+from eplbd.staging import batch_checksums
+from eplbd.transfer import StagedLayer, TransferEngine
 
 from eplbctl.placement import log2phy, replica_counts
 

@@ -5,9 +5,8 @@ Receives land in a reusable staging buffer while the live weights keep serving; 
 before every rank has voted that its staged tensors verified. Sends read live slots, which stay
 untouched until the commit, so no staging row is ever read and overwritten at once.
 
-Staging is one byte buffer `[capacity, row_bytes]`: a row holds every per-expert tensor of one expert
-(each at an aligned offset) followed by their checksums, so the experts one sender ships to one peer
-in a batch travel as a single message, whatever the number of per-expert tensors.
+Staging (``staging.py``) is one byte buffer whose rows each hold one expert's tensors and checksums,
+so the experts one sender ships to one peer in a batch travel as a single message.
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+from eplbd.staging import Staging, batch_checksums
+from eplbd.streams import SideStream
 
 
 class Phase(enum.Enum):
@@ -102,81 +103,6 @@ def plan_layer(old: np.ndarray, new: np.ndarray) -> list[Move]:
     return moves
 
 
-_POSITION_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def _words(rows: torch.Tensor) -> torch.Tensor:
-    """[n, ...] any dtype -> [n, W] int32: each row's bytes as 32-bit words (byte by byte when 4 does not divide)."""
-    n = rows.shape[0]
-    raw = rows.contiguous().view(torch.uint8).reshape(n, -1)
-    if raw.shape[1] % 4 == 0:
-        return raw.view(torch.int32)
-    return raw.to(torch.int32)
-
-
-def batch_checksums(batch: torch.Tensor) -> torch.Tensor:
-    """[n, ...] -> [n] int64: exact, order-sensitive fingerprint of each row's bits.
-
-    Words times position weights in wrapping int32 (deterministic on every device), summed in int64:
-    a third of the cost of widening every word first, which matters because verify sits on the stall.
-    """
-    words = _words(batch)
-    key = (words.shape[1], str(words.device))
-    weights = _POSITION_WEIGHTS.get(key)
-    if weights is None:
-        weights = (torch.arange(words.shape[1], device=words.device) % 251 + 1).to(words.dtype)
-        _POSITION_WEIGHTS[key] = weights
-    return (words * weights).sum(dim=1, dtype=torch.int64)
-
-
-def checksum(tensor: torch.Tensor) -> torch.Tensor:
-    """One tensor's fingerprint (int64 scalar on its device); equal to its row in batch_checksums."""
-    return batch_checksums(tensor.unsqueeze(0))[0]
-
-
-def slot_checksums(tensors: list[torch.Tensor], layer: int, slot: int) -> torch.Tensor:
-    """-> [T] int64: one checksum per per-expert tensor of a slot."""
-    return torch.stack([checksum(t[layer, slot]) for t in tensors])
-
-
-def _align(n: int, to: int = 16) -> int:
-    return -(-n // to) * to
-
-
-class Staging:
-    """The reusable staging buffer: `capacity` rows, each one expert's tensors and their checksums.
-
-    views[k] is a [capacity, ...] view of tensor k's part of every row; sums is [capacity, T] int64.
-    """
-
-    def __init__(self, tensors: list[torch.Tensor], capacity: int) -> None:
-        offsets, at = [], 0
-        for t in tensors:
-            offsets.append(at)
-            at = _align(at + t[0, 0].numel() * t.element_size())
-        self.sums_offset = at
-        self.row_bytes = _align(at + 8 * len(tensors))
-        self.capacity = capacity
-        self.flat = torch.zeros(capacity, self.row_bytes, dtype=torch.uint8, device=tensors[0].device)
-        self.views = []
-        for t, off in zip(tensors, offsets, strict=True):
-            nbytes = t[0, 0].numel() * t.element_size()
-            part = self.flat[:, off:off + nbytes].view(t.dtype)
-            self.views.append(part.view(capacity, *t.shape[2:]))
-        self.sums = self.flat[:, at:at + 8 * len(tensors)].view(torch.int64)
-
-    @property
-    def nbytes(self) -> int:
-        return self.flat.numel()
-
-    def fill(self, rows: slice, tensors: list[torch.Tensor], layer: int, slots: torch.Tensor,
-             sums: torch.Tensor) -> None:
-        """Copy live slots `slots` of `layer` (and their checksums [n, T]) into staging `rows`."""
-        for view, t in zip(self.views, tensors, strict=True):
-            torch.index_select(t[layer], 0, slots, out=view[rows])   # straight into the strided rows
-        self.sums[rows].copy_(sums)
-
-
 @dataclass
 class StagedLayer:
     layer: int
@@ -226,6 +152,7 @@ class TransferEngine:
         self.expert_sums = expert_sums        # [L, E, T] int64: what each expert's tensors must hash to
         self.slot_sums = slot_sums            # [L, S, T] int64: checksums of this rank's live slots
         self.buf = Staging(tensors, capacity)
+        self.side = SideStream(tensors[0].device)
         self.expert_bytes = sum(t[0, 0].numel() * t.element_size() for t in tensors)
         self.corrupt_next = False             # fault injection: flip one staged value before verify
 
@@ -269,12 +196,16 @@ class TransferEngine:
         staged.started = time.perf_counter()
         staged.phase = Phase.STAGING
         self._where = {m: i for i, m in enumerate(staged.incoming)}
-        self._next_chunk(staged)
-        local = [m for m in staged.incoming if m.local]     # first in staging order; copied while the chunk flies
-        if local:
-            slots = torch.tensor([m.src_slot for m in local], dtype=torch.int64)
-            self.buf.fill(slice(0, len(local)), self.tensors, staged.layer, slots,
-                          self.slot_sums[staged.layer, slots])
+        with self.side.active():
+            self._next_chunk(staged)
+            local = [m for m in staged.incoming if m.local]  # first in staging order; copied while the chunk flies
+            if local:
+                slots = self._index([m.src_slot for m in local])
+                self.buf.fill(slice(0, len(local)), self.tensors, staged.layer, slots,
+                              self.slot_sums[staged.layer, slots])
+
+    def _index(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.buf.flat.device)
 
     def _packs(self, staged: StagedLayer, rank: int, outgoing: int) -> bool:
         """Whether `rank` packs its sends of a chunk into the free tail of its staging buffer.
@@ -320,7 +251,7 @@ class TransferEngine:
         packing = self._packs(staged, self.rank, out_count.get(self.rank, 0))
         for peer in sorted(to_peer):
             moves = to_peer[peer]
-            slots = torch.tensor([m.src_slot for _, m in moves], dtype=torch.int64)
+            slots = self._index([m.src_slot for _, m in moves])
             if packing:
                 rows = slice(row, row + len(moves))
                 buf.fill(rows, self.tensors, layer, slots, self.slot_sums[layer, slots])
@@ -366,14 +297,8 @@ class TransferEngine:
     def wait(self, staged: StagedLayer) -> bool:
         """Finish all chunks and verify what arrived; False (with `error`) instead of raising."""
         try:
-            # The next chunk reuses only this rank's staging tail, so it goes out as soon as this
-            # rank's own sends are done; receives (distinct rows) are waited once, at the end.
-            self._wait_for(staged, staged._sends)
-            while staged._chunks:
-                self._next_chunk(staged)
-                self._wait_for(staged, staged._sends)
-            self._wait_for(staged, staged._recvs)
-            staged._sends, staged._recvs = [], []
+            with self.side.active():
+                self._finish_chunks(staged)
             # launch -> last byte, not -> when we looked: the wait comes only after a forward step
             finished = max(staged._done) if staged._done else time.perf_counter()
             staged.transfer_s = finished - staged.started
@@ -381,7 +306,8 @@ class TransferEngine:
                 self.buf.views[0][0].view(-1)[0] += 1
                 self.corrupt_next = False
             verify_start = time.perf_counter()
-            self._verify(staged)
+            with self.side.active():
+                self._verify(staged)
             staged.verify_s = time.perf_counter() - verify_start
             staged.phase = Phase.STAGED
             return True
@@ -391,6 +317,16 @@ class TransferEngine:
             staged.error_kind = getattr(exc, "kind", "transfer")
             staged.phase = Phase.ABORTED
             return False
+
+    def _finish_chunks(self, staged: StagedLayer) -> None:
+        """The next chunk reuses only this rank's staging tail, so it goes out as soon as this rank's
+        own sends are done; receives (distinct rows) are waited once, at the end."""
+        self._wait_for(staged, staged._sends)
+        while staged._chunks:
+            self._next_chunk(staged)
+            self._wait_for(staged, staged._sends)
+        self._wait_for(staged, staged._recvs)
+        staged._sends, staged._recvs = [], []
 
     def _verify(self, staged: StagedLayer) -> None:
         n = len(staged.incoming)
@@ -414,9 +350,12 @@ class TransferEngine:
         start = time.perf_counter()
         n = len(staged.incoming)
         if n:
-            dst = torch.tensor([m.dst_slot for m in staged.incoming], dtype=torch.int64)
-            for view, t in zip(self.buf.views, self.tensors, strict=True):
-                t[staged.layer].index_copy_(0, dst, view[:n])
-            self.slot_sums[staged.layer].index_copy_(0, dst, self.buf.sums[:n])
+            self.side.after_forward()          # the forward that read the old weights is done first
+            with self.side.active():
+                dst = self._index([m.dst_slot for m in staged.incoming])
+                for view, t in zip(self.buf.views, self.tensors, strict=True):
+                    t[staged.layer].index_copy_(0, dst, view[:n])
+                self.slot_sums[staged.layer].index_copy_(0, dst, self.buf.sums[:n])
+            self.side.before_forward()         # the next forward reads only committed weights
         staged.phase = Phase.COMMITTED
         staged.commit_s = time.perf_counter() - start

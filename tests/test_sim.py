@@ -21,7 +21,7 @@ def sim():
 def expected_checksums(layer: int, phy2log: list[list[int]], hidden: int = 32, ffn: int = 64) -> np.ndarray:
     """What every slot must hash to if it really holds its mapped expert's weights (seed 0)."""
     from eplbd.moe import make_expert
-    from eplbd.transfer import checksum
+    from eplbd.staging import checksum
 
     out = []
     for row in phy2log:

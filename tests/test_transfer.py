@@ -36,7 +36,8 @@ def _rank(rank: int, store: str, case: str, out) -> None:
     import torch
     import torch.distributed as dist
     from eplbd.moe import ExpertStore, MoEShape, make_expert
-    from eplbd.transfer import TransferEngine, checksum, plan_layer, slot_checksums
+    from eplbd.staging import checksum, slot_checksums
+    from eplbd.transfer import TransferEngine, plan_layer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=RANKS,
