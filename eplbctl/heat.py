@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -118,12 +120,34 @@ def _position(index: tuple[int, ...]) -> str:
     return " ".join(f"{n} {i}" for n, i in zip(names, index, strict=True))
 
 
+def _first_bool(obj: Any, names: tuple[str, ...], path: tuple[int, ...] = ()) -> tuple[int, ...] | None:
+    """Index of the first JSON true/false in nested lists (numpy would read it as 1/0), else None."""
+    if not isinstance(obj, (list, tuple)) or not obj:
+        return None
+    if len(path) + 1 >= len(names) or not isinstance(obj[0], (list, tuple)):
+        if bool in set(map(type, obj)):  # C-speed scan of a row; the index only on failure
+            return (*path, next(i for i, v in enumerate(obj) if isinstance(v, bool)))
+        return None
+    for i, kid in enumerate(obj):
+        found = _first_bool(kid, names, (*path, i))
+        if found is not None:
+            return found
+    return None
+
+
 def validate_heat(arr: Any, where: str) -> np.ndarray:
     """Array-like heat -> float64 [L, E] or [T, L, E]; HeatError naming `where` and the bad cell.
 
-    Rejects ragged rows, non-numbers, empty arrays, wrong ndim, NaN, inf and negative counts.
-    All-zero rows are valid (a layer that saw no tokens).
+    Rejects ragged rows, non-numbers (JSON true/false included), empty arrays, wrong ndim, NaN, inf and
+    negative counts. All-zero rows are valid (a layer that saw no tokens).
     """
+    if isinstance(arr, (list, tuple)):
+        found = _first_bool(arr, ("step", "layer", "expert"))
+        if found is not None:
+            cell = _position(found) if len(found) in (2, 3) else f"index {list(found)}"
+            raise HeatError(f"{where}: true/false at {cell}; counts must be numbers")
+    elif isinstance(arr, np.ndarray) and arr.dtype == np.bool_:
+        raise HeatError(f"{where}: boolean array; counts must be numbers")
     try:
         out = np.array(arr, dtype=np.float64)
     except (ValueError, TypeError) as exc:
@@ -203,6 +227,8 @@ def _load_pt(path: Path, name: str) -> HeatData:
 
 
 def _load_compact(path: Path, name: str) -> HeatData:
+    if not zipfile.is_zipfile(path):  # np.load would try it as .npy or pickle and talk of allow_pickle
+        raise HeatError(f"{name}: not a valid .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in ("heat", "layer_ids", "source") if k not in npz.files]
@@ -215,7 +241,9 @@ def _load_compact(path: Path, name: str) -> HeatData:
     except (OSError, zipfile.BadZipFile, ValueError) as exc:
         if isinstance(exc, HeatError):
             raise
-        raise HeatError(f"{name}: not a readable .npz file ({exc})") from None
+        # Never echo numpy's advice to load pickles unsafely: an object array is simply not our format.
+        reason = "it holds pickled objects" if "pickle" in str(exc) else str(exc)
+        raise HeatError(f"{name}: not a valid .npz file ({reason})") from None
     if len(layer_ids) != heat.shape[-2]:
         raise HeatError(f"{name}: layer_ids has {len(layer_ids)} entries for {heat.shape[-2]} layers")
     return HeatData(heat=heat, layer_ids=layer_ids, source=source, notes=notes)
@@ -397,12 +425,20 @@ def _zip_kind(path: Path) -> str | None:
     return "pt" if any(n.endswith("data.pkl") for n in names) else "npz"
 
 
+@contextmanager
+def nesting_guard(name: str, what: str, error: type[ValueError] = HeatError) -> Iterator[None]:
+    """Turn the RecursionError of a pathologically nested JSON file ("[" * 3000) into `error`:
+    "<name>: nested too deeply to be <what>" (bad data, one line). Shared with the map reader."""
+    try:
+        yield
+    except RecursionError:
+        raise error(f"{name}: nested too deeply to be {what}") from None
+
+
 def load_heat(path: str | Path) -> HeatData:
     """Read heat in any supported format (see the module docstring); HeatError for anything else."""
-    try:
+    with nesting_guard(Path(path).name, "a heat file"):
         return _load_heat(path)
-    except RecursionError:
-        raise HeatError(f"{Path(path).name}: nested too deeply to be a heat file") from None
 
 
 def _load_heat(path: str | Path) -> HeatData:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from eplbctl.heat import nesting_guard
 from eplbctl.placement import PlacementError, count_moves, validate_placement
 
 FORMATS = ("ascend", "sglang")
@@ -158,6 +159,11 @@ def read_map(path: str | Path, num_devices: int | None = None, num_experts: int 
     given, checked against ascend maps.
     """
     where = str(path)
+    with nesting_guard(where, "an expert map", MapFileError):
+        return _read_map(path, where, num_devices, num_experts)
+
+
+def _read_map(path: str | Path, where: str, num_devices: int | None, num_experts: int | None) -> np.ndarray:
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
