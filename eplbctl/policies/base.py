@@ -148,6 +148,7 @@ def check_result(
     return PolicyResult(placement.astype(np.int64, copy=False), change, str(result.mode))
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # compiled kernels take int params as int64
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -184,6 +185,10 @@ class Param:
             raise PolicyError(f"parameter {self.name!r}: expected {self.type.__name__}, got {value!r}")
         if self.type is float and not np.isfinite(value):
             raise PolicyError(f"parameter {self.name!r}: expected a finite number, got {value!r}")
+        if self.type is int and not _INT64_MIN <= value <= _INT64_MAX:
+            raise PolicyError(f"parameter {self.name!r}: {value} is too large (at most {_INT64_MAX}, a 64-bit "
+                              "integer)" if value > 0 else f"parameter {self.name!r}: {value} is too small "
+                              f"(at least {_INT64_MIN}, a 64-bit integer)")
         reason = self.validate(value) if self.validate is not None else None
         if reason:
             raise PolicyError(f"parameter {self.name!r}={value!r}: {reason}")
