@@ -1,6 +1,7 @@
 """Overhead of EPLB on a real gloo deployment (issue 4): recording, transfer, stall, memory.
 
-    python bench/overhead.py [--ranks 4] [--layers all] [--hidden 64] [--ffn 128] [--tokens 32] [--json FILE]
+    python bench/overhead.py [--ranks 4] [--layers all] [--hidden 64] [--ffn 128] [--tokens 32]
+                             [--staging-slots N] [--json FILE]
 
 Runs N ranks of the simulated deployment (DeepSeek-V3 shape by default: 58 layers x 256 experts,
 288 slots) and measures, side by side in one run:
@@ -52,7 +53,8 @@ def _setup(rank: int, args: argparse.Namespace, store: str):
     store_.load(placement[:, rank])
     model = SimMoE(shape, store_, Router(heat, 8, 0), initial_maps(placement, E, min(args.ranks, args.redundant + 1)),
                    rank)
-    agent = Agent(model, placement, rank, args.ranks, ctrl, xfer, AgentConfig(tick_every=10**9), None, None)
+    config = AgentConfig(tick_every=10**9, staging_slots=args.staging_slots)
+    agent = Agent(model, placement, rank, args.ranks, ctrl, xfer, config, None, None)
     return heat, agent, model, xfer
 
 
@@ -117,8 +119,8 @@ def _raw_seconds(moves, rank: int, expert_bytes: int, group) -> float:
     return best
 
 
-def _engine_seconds(agent, layer: int, new_row: np.ndarray) -> tuple[float, int, float, float]:
-    """-> (best transfer seconds, bytes received, verify seconds, whole stage+verify wall seconds)."""
+def _engine_seconds(agent, layer: int, new_row: np.ndarray) -> tuple[float, int, float, float, int]:
+    """-> (best transfer seconds, bytes received, verify seconds, whole stage+verify wall seconds, batches)."""
     engine = agent.engine
     best, nbytes, verify, wall = float("inf"), 0, 0.0, float("inf")
     for _ in range(3):
@@ -133,7 +135,7 @@ def _engine_seconds(agent, layer: int, new_row: np.ndarray) -> tuple[float, int,
             best, verify = staged.transfer_s, staged.verify_s
         wall = min(wall, time.perf_counter() - start)
         nbytes = staged.bytes_recv
-    return best, nbytes, verify, wall
+    return best, nbytes, verify, wall, staged.batches
 
 
 def _stop_the_world(agent, rows: np.ndarray) -> float:
@@ -181,9 +183,9 @@ def rank_main(rank: int, args: argparse.Namespace, store: str, queue) -> None:
     per_layer = []
     for layer in range(min(L, args.transfer_layers)):
         moves = plan_layer(start_rows[layer], target[layer])
-        eng_s, eng_bytes, verify_s, wall_s = _engine_seconds(agent, layer, target[layer])
+        eng_s, eng_bytes, verify_s, wall_s, batches = _engine_seconds(agent, layer, target[layer])
         raw_s = _raw_seconds(moves, rank, model.shape.expert_bytes, xfer)
-        per_layer.append((layer, eng_bytes, eng_s, raw_s, verify_s, wall_s))
+        per_layer.append((layer, eng_bytes, eng_s, raw_s, verify_s, wall_s, batches))
     # 3. paced redeployment of every layer, one per step, overlapped with serving
     base = statistics.median(_steps(agent, model, 2000, args.base_steps))
     agent.config.layers_per_step = 1
@@ -223,7 +225,7 @@ def report(results: dict[int, dict]) -> dict:
         wall = max(results[r]["per_layer"][i][5] for r in ranks)
         layers.append({"layer": row[0], "bytes": nbytes, "engine_gbps": nbytes / eng / 1e9,
                        "raw_gbps": nbytes / raw / 1e9, "ratio": raw / eng, "verify_s": verify,
-                       "stage_verify_gbps": nbytes / wall / 1e9})
+                       "stage_verify_gbps": nbytes / wall / 1e9, "batches": row[6]})
     base = max(results[r]["base_step_s"] for r in ranks)
     paced = np.max([results[r]["paced_steps_s"] for r in ranks], axis=0)
     stall = np.clip(paced - base, 0, None)
@@ -253,11 +255,12 @@ def print_report(rep: dict) -> None:
           f"{rec['inside_recorder_pct']:.3f} % of the step (target <= 0.5 %)")
     print("transfer per layer, all ranks' bytes (engine: its transfer phase; raw: one batch_isend_irecv"
           " message per peer; verify: checksum of everything received)")
-    print(f"{'layer':>5} {'MiB':>8} {'engine GB/s':>12} {'raw GB/s':>9} {'engine/raw':>10} {'verify ms':>10} "
-          f"{'stage+verify GB/s':>18}")
+    print(f"{'layer':>5} {'MiB':>8} {'batches':>7} {'engine GB/s':>12} {'raw GB/s':>9} {'engine/raw':>10} "
+          f"{'verify ms':>10} {'stage+verify GB/s':>18}")
     for x in tr["layers"]:
-        print(f"{x['layer']:>5} {x['bytes'] / 2**20:>8.2f} {x['engine_gbps']:>12.3f} {x['raw_gbps']:>9.3f} "
-              f"{x['ratio']:>10.2f} {x['verify_s'] * 1e3:>10.1f} {x['stage_verify_gbps']:>18.3f}")
+        print(f"{x['layer']:>5} {x['bytes'] / 2**20:>8.2f} {x['batches']:>7} {x['engine_gbps']:>12.3f} "
+              f"{x['raw_gbps']:>9.3f} {x['ratio']:>10.2f} {x['verify_s'] * 1e3:>10.1f} "
+              f"{x['stage_verify_gbps']:>18.3f}")
     print(f"engine/raw mean {tr['mean_ratio']:.2f} (target >= 0.80)")
     print(f"stall: base step {st['base_step_s'] * 1e3:.1f} ms; paced (1 layer/step) adds "
           f"{st['per_layer_mean_s'] * 1e3:.1f} ms per layer (max {st['per_layer_max_s'] * 1e3:.1f}), "
@@ -281,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--record-steps", type=int, default=10)
     p.add_argument("--base-steps", type=int, default=8)
     p.add_argument("--transfer-layers", type=int, default=6)
+    p.add_argument("--staging-slots", type=int, default=None,
+                   help="staging rows per rank (default: one layer's local experts); 2x makes most layers one batch")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
     ctx = mp.get_context("spawn")

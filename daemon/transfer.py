@@ -118,6 +118,7 @@ class StagedLayer:
     commit_s: float = 0.0
     error: str | None = None
     error_kind: str | None = None           # "transfer" | "timeout" | "verify" | "capacity"
+    batches: int = 0                        # P2P batches the layer needs (each waited before the next)
     n_in: list[int] = field(default_factory=list)  # staging rows each rank needs for this layer
     _chunks: list = field(default_factory=list)    # [(chunk number, [(move index, move)])] still to run
     _sends: list = field(default_factory=list)     # this rank's send works of the chunk in flight
@@ -188,6 +189,7 @@ class TransferEngine:
             raise TransferError(f"layer {layer} needs {len(incoming)} staging slots on rank {self.rank}, "
                                 f"capacity is {self.capacity}")
         staged._chunks = list(enumerate(self._chunks(moves, staged.n_in)))
+        staged.batches = len(staged._chunks)
         staged.plan_s = time.perf_counter() - start
         return staged
 
