@@ -18,6 +18,7 @@ This module must not import torch: `eplbctl status` has to answer in a fraction 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -100,10 +101,17 @@ class Client:
     """
 
     def __init__(self, endpoint: str | None = None, timeout_s: float = 5.0, key: bytes | None = None) -> None:
-        if timeout_s <= 0:
-            msg = f"timeout must be positive, got {timeout_s}"
+        if not (timeout_s > 0 and math.isfinite(timeout_s)):
+            msg = f"timeout must be a positive finite number, got {timeout_s}"
             raise ValueError(msg)
         self.endpoint = resolve_endpoint(endpoint)
+        if self.endpoint.startswith("tcp://"):
+            if not key:
+                msg = f"{self.endpoint}: a tcp:// endpoint needs a key (the daemon refuses tcp without one)"
+                raise ValueError(msg)
+            if self.endpoint.endswith(":*"):
+                msg = f"{self.endpoint}: cannot connect to a wildcard port; give the daemon's port"
+                raise ValueError(msg)
         self.timeout_s = float(timeout_s)
         self.key = key or None
         self.session = new_session()

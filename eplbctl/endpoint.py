@@ -53,6 +53,8 @@ def resolve_endpoint(value: str | None) -> str:
     if scheme not in _SCHEMES:
         msg = f"unsupported endpoint {value!r}: use ipc://PATH, tcp://HOST:PORT or a socket path"
         raise ValueError(msg)
+    if scheme == "tcp":
+        _check_tcp(value)
     path = ipc_path(value)
     if path is not None:
         if not path:
@@ -62,6 +64,17 @@ def resolve_endpoint(value: str | None) -> str:
             msg = f"ipc socket path too long ({len(os.fsencode(path))} > {MAX_IPC_PATH_BYTES} bytes): {path}"
             raise ValueError(msg)
     return value
+
+
+def _check_tcp(value: str) -> None:
+    """``tcp://HOST:PORT``: a host and a port in 1-65535, or ``*`` (a port the system picks, for bind)."""
+    host, sep, port = value[len("tcp://"):].rpartition(":")
+    if not sep or not host:
+        msg = f"endpoint {value!r} lacks a host or a port: use tcp://HOST:PORT"
+        raise ValueError(msg)
+    if port != "*" and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        msg = f"endpoint {value!r}: port must be a number in 1-65535, got {port!r}"
+        raise ValueError(msg)
 
 
 def ensure_endpoint_dir(endpoint: str) -> str | None:

@@ -1,7 +1,8 @@
 """Layer selections as operators type them: "3,7-9", "all".
 
 Layers are MoE layer indices 0..L-1 (see docs/DESIGN.md).  ``parse_layers`` returns them sorted and
-unique; ``format_layers`` writes the shortest spec back.
+unique; ``format_layers`` writes the shortest spec back.  ``check_syntax`` reads a spec without knowing
+L, so that a malformed one is rejected before anything asks the daemon for L.
 """
 
 from __future__ import annotations
@@ -17,16 +18,14 @@ def _layer(text: str, item: str) -> int:
     return int(text)
 
 
-def parse_layers(spec: str, num_layers: int) -> list[int]:
-    """ "3, 7-9" -> [3, 7, 8, 9]; "all" -> every layer; checked against 0..num_layers-1."""
-    if num_layers <= 0:
-        raise LayerSpecError(f"no layers to choose from (num_layers={num_layers})")
+def check_syntax(spec: str) -> list[tuple[int, int]] | None:
+    """ "3, 7-9" -> [(3, 3), (7, 9)]; "all" -> None. Raises LayerSpecError for a malformed spec."""
     text = "".join(spec.split())  # whitespace tolerant: " 7 - 9 " == "7-9"
     if not text:
         raise LayerSpecError("empty layer spec")
     if text.lower() == "all":
-        return list(range(num_layers))
-    chosen: set[int] = set()
+        return None
+    ranges: list[tuple[int, int]] = []
     for item in text.split(","):
         if not item:
             raise LayerSpecError(f"empty item in layer spec '{spec.strip()}'")
@@ -35,13 +34,24 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
             lo, hi = _layer(first, item), _layer(last, item)
             if lo > hi:
                 raise LayerSpecError(f"bad range '{item}'")
-            picked = range(lo, hi + 1)
         else:
-            picked = range(_layer(item, item), _layer(item, item) + 1)
-        for layer in (picked[0], picked[-1]):
-            if layer >= num_layers:
-                raise LayerSpecError(f"layer {layer} out of range 0-{num_layers - 1}")
-        chosen.update(picked)
+            lo = hi = _layer(item, item)
+        ranges.append((lo, hi))
+    return ranges
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """ "3, 7-9" -> [3, 7, 8, 9]; "all" -> every layer; checked against 0..num_layers-1."""
+    ranges = check_syntax(spec)
+    if num_layers <= 0:
+        raise LayerSpecError(f"no layers to choose from (num_layers={num_layers})")
+    if ranges is None:
+        return list(range(num_layers))
+    chosen: set[int] = set()
+    for lo, hi in ranges:
+        if hi >= num_layers:
+            raise LayerSpecError(f"layer {lo if lo >= num_layers else hi} out of range 0-{num_layers - 1}")
+        chosen.update(range(lo, hi + 1))
     return sorted(chosen)
 
 

@@ -138,8 +138,21 @@ def test_other_commands_unavailable(absent: str, args: list[str]) -> None:
 # ----------------------------------------------------------------------------- rebalance
 
 
-def test_rebalance_dry_run(endpoint: str, daemon: FakeDaemon) -> None:
-    result = run(endpoint, "rebalance", "--layers", "2,5", "--dry-run", "--param", "x=1")
+class PluginDaemon(FakeDaemon):
+    """Runs a plug-in policy this installation does not know: --param goes to the daemon as typed."""
+
+    def status(self, content: dict) -> dict:
+        return {**super().status(content), "policy": "plugin"}
+
+
+def test_rebalance_dry_run(sockdir: Path) -> None:
+    # --param is checked locally against the daemon's policy when it is known here (test_cli_errors.py)
+    daemon = PluginDaemon()
+    server = serve(f"ipc://{sockdir / 'p.sock'}", daemon)
+    try:
+        result = run(server.bound_endpoint, "rebalance", "--layers", "2,5", "--dry-run", "--param", "x=1")
+    finally:
+        server.stop()
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["layer", "before", "after", "moves", "bytes", "change"]
@@ -147,8 +160,8 @@ def test_rebalance_dry_run(endpoint: str, daemon: FakeDaemon) -> None:
     assert lines[-1] == ("policy default (global, 0.010 s): 2 of 2 layers change, 6 moves, 6.00 MiB; "
                          "predicted imbalance before mean 1.500 p90 2.000 max 2.500 -> "
                          "after mean 1.020 p90 1.020 max 1.020")
-    assert daemon.calls == [("rebalance", {"layers": [2, 5], "auto": False, "threshold": None, "policy": None,
-                                           "params": {"x": "1"}, "dry_run": True})]
+    assert daemon.calls[1:] == [("rebalance", {"layers": [2, 5], "auto": False, "threshold": None,
+                                               "policy": None, "params": {"x": "1"}, "dry_run": True})]
 
 
 def test_rebalance_dry_run_json(endpoint: str) -> None:
@@ -157,7 +170,13 @@ def test_rebalance_dry_run_json(endpoint: str) -> None:
     assert [row["layer"] for row in json.loads(result.stdout)["plan"]["layers"]] == [2, 5]
 
 
-def test_rebalance_confirm_no_changes_nothing(endpoint: str, daemon: FakeDaemon) -> None:
+@pytest.fixture
+def tty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prompt needs a terminal on stdin; CliRunner's stdin is not one."""
+    monkeypatch.setattr("eplbctl.cli.rebalance.stdin_is_tty", lambda: True)
+
+
+def test_rebalance_confirm_no_changes_nothing(endpoint: str, daemon: FakeDaemon, tty: None) -> None:
     result = run(endpoint, "rebalance", "--layers", "5", input="n\n")
     assert result.exit_code == 1
     assert "Apply this plan to 1 layer(s)? [y/N]" in result.stderr
@@ -165,14 +184,14 @@ def test_rebalance_confirm_no_changes_nothing(endpoint: str, daemon: FakeDaemon)
     assert [c[1]["dry_run"] for c in daemon.calls] == [True]
 
 
-def test_rebalance_no_stdin_aborts(endpoint: str, daemon: FakeDaemon) -> None:
+def test_rebalance_no_stdin_aborts(endpoint: str, daemon: FakeDaemon, tty: None) -> None:
     result = run(endpoint, "rebalance", "--auto", input="")
     assert result.exit_code == 1
     assert result.stderr.endswith("eplbctl: error: aborted; nothing was changed\n")
-    assert daemon.names() == ["rebalance"]
+    assert daemon.names() == ["status", "rebalance"]
 
 
-def test_rebalance_confirmed_waits_and_reports(endpoint: str, daemon: FakeDaemon) -> None:
+def test_rebalance_confirmed_waits_and_reports(endpoint: str, daemon: FakeDaemon, tty: None) -> None:
     result = run(endpoint, "rebalance", "--layers", "2,5", "--policy", "default", input="y\n")
     assert result.exit_code == 0, result.output
     assert daemon.names() == ["rebalance", "rebalance", "job", "job", "job"]
@@ -230,16 +249,16 @@ def test_rebalance_bad_layer_spec(endpoint: str, daemon: FakeDaemon, args: list[
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ([], "Error: give exactly one of --layers SPEC or --auto"),
-        (["--auto", "--layers", "1"], "Error: give exactly one of --layers SPEC or --auto"),
-        (["--auto", "--param", "k"], "Error: Invalid value for '--param': expected key=value, got 'k'"),
-        (["--auto", "--threshold", "0.5"], "Error: Invalid value for '--threshold'"),
+        ([], "eplbctl: error: give exactly one of --layers SPEC or --auto"),
+        (["--auto", "--layers", "1"], "eplbctl: error: give exactly one of --layers SPEC or --auto"),
+        (["--auto", "--param", "k"], "eplbctl: error: Invalid value for '--param': expected key=value, got 'k'"),
+        (["--auto", "--threshold", "0.5"], "eplbctl: error: Invalid value for '--threshold'"),
     ],
 )
 def test_rebalance_usage_errors(endpoint: str, daemon: FakeDaemon, args: list[str], message: str) -> None:
     result = run(endpoint, "rebalance", *args)
     assert result.exit_code == 2
-    assert message in result.stderr
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
     assert daemon.names() == []
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import click
 
 from eplbctl import __version__
-from eplbctl.cli.base import DEFAULT_TIMEOUT_S, CliContext
+from eplbctl.cli.base import DEFAULT_TIMEOUT_S, CliContext, EplbGroup, check_timeout
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=EplbGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option(
     "--endpoint",
     envvar="EPLBCTL_ENDPOINT",
@@ -24,8 +24,9 @@ from eplbctl.cli.base import DEFAULT_TIMEOUT_S, CliContext
 @click.option(
     "--timeout",
     "timeout_s",
-    type=click.FloatRange(min=0.001),
+    type=float,
     default=DEFAULT_TIMEOUT_S,
+    callback=check_timeout,
     show_default=True,
     metavar="SECONDS",
     help="How long to wait for each reply of the daemon.",
@@ -49,14 +50,14 @@ def main(ctx: click.Context, endpoint: str | None, timeout_s: float, key_file: P
 def _register() -> None:
     # Late imports keep the command modules free to import `main`'s context helpers from base.py.
     from eplbctl.cli.completion import completion
-    from eplbctl.cli.demo import demo
+    from eplbctl.cli.demo import demo, shutdown, verify
     from eplbctl.cli.plan import plan
     from eplbctl.cli.policy import policy
     from eplbctl.cli.profile import profile
     from eplbctl.cli.rebalance import rebalance
     from eplbctl.cli.status import status
 
-    for command in (status, rebalance, profile, policy, plan, demo, completion):
+    for command in (status, rebalance, profile, verify, shutdown, policy, plan, demo, completion):
         main.add_command(command)
 
 

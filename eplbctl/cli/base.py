@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +42,12 @@ EXIT_PROTOCOL = 76  # EX_PROTOCOL: the daemon answered something this version do
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 DEFAULT_TIMEOUT_S = 10.0
+MAX_TIMEOUT_S = 86400.0  # a day: a longer wait on one reply is a typo, and zmq's poll overflows on inf
+
+# The registry's built-in names (eplbctl.policies.REGISTRY, checked by a test): shell completion must
+# not import the policies, which load numba.
+BUILTIN_POLICIES = ("default", "exact", "flashlb", "random", "swift")
+POLICY_ENTRY_POINTS = "eplbctl.policies"
 
 
 class CliError(click.ClickException):
@@ -51,7 +58,36 @@ class CliError(click.ClickException):
         self.exit_code = exit_code
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"eplbctl: error: {self.format_message()}", err=True)
+        click.echo(f"eplbctl: error: {shorten(_one_line(self.format_message()))}", err=True)
+
+
+class EplbGroup(click.Group):
+    """The top-level group: every usage error is one line, ``eplbctl: error: ...``, exit 2.
+
+    Click's standalone mode prints usage, a "Try ... --help" hint and "Error: ..." (3-4 lines); we run
+    click non-standalone and print the errors ourselves. ``--help`` and bare ``eplbctl`` still print help.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `eplbctl` / `eplbctl policy`: the help
+            click.echo(exc.format_message())  # stdout, exit 0: asking for the menu is no mistake (click 8.2+: 2)
+            sys.exit(EXIT_OK)
+        except click.UsageError as exc:
+            click.echo(f"eplbctl: error: {shorten(_one_line(exc.format_message()))}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort as exc:
+            interrupted = isinstance(exc.__context__, KeyboardInterrupt)
+            click.echo(f"eplbctl: error: {'interrupted' if interrupted else 'aborted'}", err=True)
+            sys.exit(EXIT_INTERRUPTED if interrupted else EXIT_FAILURE)
+        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
 def translate(exc: BaseException, *, not_running: int | None = None, unknown: int | None = None) -> CliError:
@@ -90,6 +126,14 @@ def _code(exc: BaseException, default: int) -> int:
 def _one_line(text: str) -> str:
     # A multi-line message would break `eplbctl ... 2>&1 | tail -1` style scripting.
     return " ".join(text.split())
+
+
+MAX_MESSAGE_CHARS = 400
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """Cut a message that would list thousands of slots or values: an error is read, not parsed."""
+    return text if len(text) <= limit else text[: limit - 4].rstrip() + " ..."
 
 
 class UnexpectedReply(Exception):
@@ -136,7 +180,15 @@ class CliContext:
     def client(self) -> Any:
         from eplbctl.client import Client
 
-        return Client(self.resolved_endpoint(), self.timeout_s, key=self.key())
+        endpoint = self.resolved_endpoint()
+        key = self.key()
+        if endpoint.startswith("tcp://") and key is None:  # the daemon refuses tcp without a key
+            raise CliError(f"a tcp:// endpoint needs --key-file (the HMAC key of the daemon at {endpoint})",
+                           EXIT_USAGE)
+        try:
+            return Client(endpoint, self.timeout_s, key=key)
+        except ValueError as exc:  # an endpoint or timeout the client cannot use: the command line's fault
+            raise CliError(_one_line(str(exc)), EXIT_USAGE) from exc
 
     def call(self, action: Callable[[Any], Any], **codes: int) -> Any:
         """Run ``action(client)``; client failures become :class:`CliError` (``codes``: see translate)."""
@@ -224,6 +276,53 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
+def finite_or_none(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Callback for float options: FloatRange lets NaN through (every comparison with it is false)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
+    return value
+
+
+def check_timeout(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """``--timeout``: finite, > 0 and at most a day."""
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+        raise click.BadParameter(f"{value} is not a number of seconds in (0, {MAX_TIMEOUT_S:.0f}] "
+                                 "(at most a day)", ctx=ctx, param=param)
+    return value
+
+
+def complete_policy(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of ``--policy``: built-in names and installed plug-ins' entry-point names.
+
+    Entry points are listed, never loaded, so completing imports neither the policies nor numba.
+    """
+    from click.shell_completion import CompletionItem
+
+    names = set(BUILTIN_POLICIES)
+    try:
+        from importlib.metadata import entry_points
+
+        names.update(ep.name for ep in entry_points(group=POLICY_ENTRY_POINTS))
+    except Exception:  # broken metadata must not break completion
+        pass
+    return [CompletionItem(name) for name in sorted(names) if name.startswith(incomplete)]
+
+
+def check_params(policy: str, params: dict[str, str]) -> None:
+    """Validate ``--param`` against the local registry: a bad value is a usage error (2) before any
+    request. A policy this installation does not know is left to the daemon (it may have plug-ins)."""
+    if not params:
+        return
+    from eplbctl.policies import REGISTRY, PolicyError, get_policy
+
+    if policy not in REGISTRY:
+        return
+    try:
+        get_policy(policy, params)
+    except PolicyError as exc:
+        usage_error(_one_line(str(exc)))
+
+
 def json_option(func: F) -> F:
     """``--json``: print only JSON on stdout (machines), nothing else there."""
     return click.option("--json", "as_json", is_flag=True, help="Print only JSON on stdout.")(func)
@@ -249,6 +348,16 @@ def param_option(func: F) -> F:
 def usage_error(message: str) -> NoReturn:
     """A bad command line discovered after parsing (e.g. a layer spec checked against the daemon's L)."""
     raise CliError(message, EXIT_USAGE)
+
+
+def check_layer_syntax(spec: str) -> None:
+    """Reject a malformed layer spec (usage error) before anything asks the daemon for L."""
+    from eplbctl.layerspec import LayerSpecError, check_syntax
+
+    try:
+        check_syntax(spec)
+    except LayerSpecError as exc:
+        usage_error(_one_line(str(exc)))
 
 
 def parse_layer_spec(spec: str, num_layers: int) -> list[int]:

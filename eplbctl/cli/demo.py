@@ -1,5 +1,8 @@
 """``eplbctl demo``: start a simulated deployment, rebalance its worst layers, check the model output.
 
+Also the two daemon-lifecycle commands the demo is built from: ``eplbctl verify`` (the daemon's output
+check: exit 1 when the output differs from the start-up baseline) and ``eplbctl shutdown``.
+
 The daemon (``eplbd sim``) runs in its own process group on a private ipc endpoint inside a temporary
 directory, so the demo never talks to (or collides with) a daemon the operator already runs. Whatever
 happens (a failed check, Ctrl-C, SIGTERM), the ``finally`` kills that process group.
@@ -30,6 +33,7 @@ from eplbctl.cli.base import (
     Terminal,
     field,
     handle_errors,
+    json_option,
     pass_ctx,
 )
 
@@ -165,9 +169,8 @@ def run_demo(term: Terminal, obj: CliContext, sim: SimProcess) -> None:
 
     term.line("\n== verify: model output before and after ==")
     verify = obj.request("verify", {})
-    baseline, current = field(verify, "baseline"), field(verify, "current")
-    term.line(f"step {verify.get('step')}: baseline {baseline}, current {current}")
-    if verify.get("ok") is not True or baseline != current:
+    term.line(verify_line(verify))
+    if not verify_ok(verify):
         raise DemoFailed("model output changed after the redeployment")
     term.line("model output is bit-identical to the baseline")
 
@@ -176,6 +179,46 @@ def run_demo(term: Terminal, obj: CliContext, sim: SimProcess) -> None:
     if code != 0:
         raise DemoFailed(f"eplbd sim exited with code {code} after shutdown")
     term.line("\ndemo passed: daemon shut down cleanly")
+
+
+def verify_ok(reply: dict[str, Any]) -> bool:
+    """The daemon says ok and the digests agree (a reply lacking them is an unexpected reply)."""
+    return reply.get("ok") is True and field(reply, "baseline") == field(reply, "current")
+
+
+def verify_line(reply: dict[str, Any]) -> str:
+    weights = reply.get("weights_ok")
+    checksums = "" if weights is None else f", slot checksums {'ok' if weights else 'MISMATCH'}"
+    return (f"step {reply.get('step', '-')}: baseline {field(reply, 'baseline')}, "
+            f"current {field(reply, 'current')}{checksums}")
+
+
+@click.command()
+@json_option
+@pass_ctx
+@handle_errors
+def verify(obj: CliContext, as_json: bool) -> None:
+    """Run the daemon's output check now: baseline vs current digest (exit 1 on mismatch)."""
+    reply = obj.request("verify", {})
+    ok = verify_ok(reply)
+    term = Terminal()
+    if as_json:
+        term.json({k: v for k, v in reply.items() if k != "status"})
+    else:
+        term.line(verify_line(reply))
+    if not ok:
+        raise CliError("model output differs from the start-up baseline", EXIT_FAILURE)
+    if not as_json:
+        term.line("model output is bit-identical to the baseline")
+
+
+@click.command()
+@pass_ctx
+@handle_errors
+def shutdown(obj: CliContext) -> None:
+    """Ask the daemon to stop (it replies, then the deployment shuts down)."""
+    obj.request("shutdown", {})
+    Terminal().note(f"eplbd at {obj.resolved_endpoint()} is shutting down")
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:

@@ -16,6 +16,9 @@ from eplbctl.cli.base import (
     EXIT_USAGE,
     CliError,
     Terminal,
+    check_layer_syntax,
+    complete_policy,
+    finite_or_none,
     handle_errors,
     json_option,
     param_option,
@@ -29,7 +32,7 @@ def _slots(num_experts: int, devices: int, redundant: int | None, slots: int | N
 
     try:
         if redundant is not None:
-            return slots_per_device(num_experts, devices, redundant)
+            slots = slots_per_device(num_experts, devices, redundant)
     except PlacementError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
     assert slots is not None  # guaranteed by the option check in the command
@@ -37,6 +40,9 @@ def _slots(num_experts: int, devices: int, redundant: int | None, slots: int | N
         smallest = -(-num_experts // devices)
         raise CliError(f"{devices} devices x {slots} slots cannot hold {num_experts} experts; "
                        f"use --slots-per-device {smallest} or more", EXIT_USAGE)
+    if slots > num_experts:  # a device would need two replicas of one expert
+        raise CliError(f"S={slots} slots per device exceeds E={num_experts} experts: at most "
+                       f"{num_experts * (devices - 1)} redundant slots for {devices} devices", EXIT_USAGE)
     return slots
 
 
@@ -67,10 +73,10 @@ def _current(path: Path | None, num_layers: int, num_experts: int, devices: int,
 @click.option("--groups", type=click.IntRange(min=1), metavar="G", help="Expert groups (with --nodes).")
 @click.option("--layers", "spec", metavar="SPEC", help="Plan only these MoE layers (default: all).")
 @click.option("--policy", "policy_name", default="default", show_default=True, metavar="NAME",
-              help="Placement policy (see 'eplbctl policy list').")
+              shell_complete=complete_policy, help="Placement policy (see 'eplbctl policy list').")
 @param_option
 @click.option("--threshold", type=click.FloatRange(min=0.0), default=0.0, show_default=True, metavar="G",
-              help="Minimum predicted imbalance gain for a layer to change.")
+              callback=finite_or_none, help="Minimum predicted imbalance gain for a layer to change.")
 @click.option("--bytes-per-expert", type=click.IntRange(min=0), default=0, show_default=True, metavar="B",
               help="Size of one expert's weights, to report bytes moved.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), metavar="MAP",
@@ -88,6 +94,8 @@ def plan(heat_path: Path | None, current_path: Path | None, devices: int, redund
     if (nodes is None) != (groups is None):
         raise click.UsageError("--nodes and --groups go together (hierarchical placement)")
     param_dict = parse_params(params)
+    if spec is not None:
+        check_layer_syntax(spec)
 
     from eplbctl.heat import default_heat_path, load_heat
     from eplbctl.planning import make_plan
@@ -100,8 +108,6 @@ def plan(heat_path: Path | None, current_path: Path | None, devices: int, redund
         raise CliError(str(exc), EXIT_USAGE) from exc
     heat = load_heat(heat_path if heat_path is not None else default_heat_path())
     term = Terminal()
-    for note in heat.notes:
-        term.note(f"eplbctl: note: {note}")
     num_slots = _slots(heat.num_experts, devices, redundant, slots)
     layers = parse_layer_spec(spec, heat.num_layers) if spec is not None else None
     current = _current(current_path, heat.num_layers, heat.num_experts, devices, num_slots)
@@ -112,6 +118,8 @@ def plan(heat_path: Path | None, current_path: Path | None, devices: int, redund
         raise CliError(str(exc), EXIT_USAGE) from exc
     result = make_plan(heat.heat, current, topo, policy, layers=layers, min_gain=threshold,
                        bytes_per_expert=bytes_per_expert)
+    for note in heat.notes:  # once the plan exists: a failed command prints only its error
+        term.note(f"eplbctl: note: {note}")
     report = result.to_report()
     if out is not None:
         from eplbctl.mapfile import write_map

@@ -1,16 +1,18 @@
 """``eplbctl rebalance``: preview, confirm, start and follow a redeployment of chosen layers.
 
 Order of events, so that a mistake never changes anything:
-1. hello (for L), then the layer spec is checked locally: a bad spec is a usage error (2) before any
-   rebalance request is sent;
-2. without ``--yes``: a dry run is shown and the operator confirms (no/EOF -> exit 1, nothing changed);
+1. the layer spec's syntax and the ``--param`` values (against the local registry) are checked before
+   any request; then hello (for L) and the range check: a bad spec or param is a usage error (2);
+   with ``--auto``, a status request first: no layer above the threshold -> say so, exit 0, no job;
+2. without ``--yes``: stdin must be a terminal (else exit 1, nothing sent), a dry run is shown and the
+   operator confirms (no/EOF -> exit 1, nothing changed);
 3. the real request; with ``--wait`` (default) the job is polled with a progress bar on stderr until
    it is done / failed / nochange, then measured imbalance before/after is printed per layer.
 """
 
 from __future__ import annotations
 
-import math
+import sys
 import time
 from typing import Any
 
@@ -20,11 +22,16 @@ from rich.table import Table
 
 from eplbctl.cli.base import (
     EXIT_FAILURE,
+    EXIT_INTERRUPTED,
     CliContext,
     CliError,
     Terminal,
     UnexpectedReply,
+    check_layer_syntax,
+    check_params,
+    complete_policy,
     field,
+    finite_or_none,
     fmt_bytes,
     fmt_ratio,
     fmt_summary,
@@ -110,37 +117,40 @@ def request_content(layers: list[int] | None, auto: bool, threshold: float | Non
     return content
 
 
-def finite_or_none(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    """FloatRange lets NaN through (every comparison with it is false)."""
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
-    return value
-
-
 def wait_for_job(obj: CliContext, term: Terminal, job: dict[str, Any], quiet: bool) -> dict[str, Any]:
     """Poll job_request until a final state; progress (layers moved) on stderr unless ``quiet``."""
     deadline = time.monotonic() + WAIT_DEADLINE_S
     job_id = field(job, "job_id")
     total = max(len(job.get("layers") or []), 1)
+    # Off a terminal (a log, a pipe) no bar: rich would still write a blank line when it stops.
     progress = Progress(TextColumn("job {task.fields[job_id]}: {task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total} layers"), TimeElapsedColumn(),
-                        console=term.err, transient=True, disable=quiet)
-    with progress:
-        task = progress.add_task(str(job.get("state")), total=total, job_id=job_id)
-        while job.get("state") not in FINAL_STATES:
-            if time.monotonic() > deadline:
-                raise CliError(f"job {job_id} still {job.get('state')} after {WAIT_DEADLINE_S:.0f} s; "
-                               "it goes on in the daemon (follow it with 'eplbctl status')", EXIT_FAILURE)
-            time.sleep(POLL_INTERVAL_S)
-            job = field(obj.request("job", {"job_id": job_id}), "job")
-            progress.update(task, description=str(job.get("state")),
-                            completed=len(job.get("done_layers") or []))
-        # The daemon reports measured imbalance once a few control ticks ran on the new placement.
-        settle = time.monotonic() + SETTLE_DEADLINE_S
-        while job.get("state") == "done" and job.get("measured_after") is None and time.monotonic() < settle:
-            progress.update(task, description="measuring")
-            time.sleep(POLL_INTERVAL_S)
-            job = field(obj.request("job", {"job_id": job_id}), "job")
+                        console=term.err, transient=True, disable=quiet or not term.err.is_terminal)
+    try:
+        with progress:
+            return _follow(obj, job, job_id, total, deadline, progress)
+    except KeyboardInterrupt:
+        raise CliError(f"interrupted; job {job_id} keeps running in the daemon (follow it with "
+                       "'eplbctl status')", EXIT_INTERRUPTED) from None
+
+
+def _follow(obj: CliContext, job: dict[str, Any], job_id: Any, total: int, deadline: float,
+            progress: Progress) -> dict[str, Any]:
+    task = progress.add_task(str(job.get("state")), total=total, job_id=job_id)
+    while job.get("state") not in FINAL_STATES:
+        if time.monotonic() > deadline:
+            raise CliError(f"job {job_id} still {job.get('state')} after {WAIT_DEADLINE_S:.0f} s; "
+                           "it goes on in the daemon (follow it with 'eplbctl status')", EXIT_FAILURE)
+        time.sleep(POLL_INTERVAL_S)
+        job = field(obj.request("job", {"job_id": job_id}), "job")
+        progress.update(task, description=str(job.get("state")),
+                        completed=len(job.get("done_layers") or []))
+    # The daemon reports measured imbalance once a few control ticks ran on the new placement.
+    settle = time.monotonic() + SETTLE_DEADLINE_S
+    while job.get("state") == "done" and job.get("measured_after") is None and time.monotonic() < settle:
+        progress.update(task, description="measuring")
+        time.sleep(POLL_INTERVAL_S)
+        job = field(obj.request("job", {"job_id": job_id}), "job")
     return job
 
 
@@ -150,7 +160,8 @@ def wait_for_job(obj: CliContext, term: Terminal, job: dict[str, Any], quiet: bo
               help="Let the daemon pick the layers whose imbalance exceeds the threshold.")
 @click.option("--threshold", type=click.FloatRange(min=1.0), metavar="X", callback=finite_or_none,
               help="Imbalance above which a layer is worth changing (default: the daemon's).")
-@click.option("--policy", metavar="NAME", help="Placement policy (see 'eplbctl policy list').")
+@click.option("--policy", metavar="NAME", shell_complete=complete_policy,
+              help="Placement policy (see 'eplbctl policy list').")
 @param_option
 @click.option("--min-gain", type=click.FloatRange(min=0.0), metavar="G", callback=finite_or_none,
               help="Move a layer only if its predicted imbalance drops by more than G (default: the daemon's).")
@@ -167,8 +178,20 @@ def rebalance(obj: CliContext, spec: str | None, auto: bool, threshold: float | 
     if (spec is None) == (not auto):
         raise click.UsageError("give exactly one of --layers SPEC or --auto")
     param_dict = parse_params(params)
+    if spec is not None:
+        check_layer_syntax(spec)  # before any request: a typo never waits on (or for) a daemon
+    if policy is not None:
+        check_params(policy, param_dict)
     term = Terminal()
+    status = obj.request("status", {"layers": None}) if auto or (param_dict and policy is None) else None
+    if policy is None and status is not None and isinstance(status.get("policy"), str):
+        check_params(status["policy"], param_dict)  # the daemon's current policy gets the params
     layers = parse_layer_spec(spec, obj.hello()["layers"]) if spec is not None else None
+    if auto and status is not None and _nothing_above(term, status, threshold, as_json):
+        return
+    if not (dry_run or yes or stdin_is_tty()):
+        raise CliError("no terminal to confirm on (stdin is not a tty); nothing was changed: preview with "
+                       "--dry-run, apply with --yes", EXIT_FAILURE)
 
     if dry_run or not yes:
         plan = field(obj.request("rebalance", request_content(layers, auto, threshold, policy, param_dict,
@@ -203,6 +226,25 @@ def rebalance(obj: CliContext, spec: str | None, auto: bool, threshold: float | 
     report_job(term, job, as_json, show_job_plan=yes and not as_json)
 
 
+def stdin_is_tty() -> bool:
+    """Whether a person can answer the prompt (a pipe's "y" must not apply a plan); tests patch this."""
+    return bool(getattr(sys.stdin, "isatty", lambda: False)())
+
+
+def _nothing_above(term: Terminal, status: dict[str, Any], threshold: float | None, as_json: bool) -> bool:
+    """--auto: when no layer's measured imbalance exceeds the threshold, say so (exit 0, no job)."""
+    limit = threshold if threshold is not None else status.get("threshold")
+    rows = status.get("layers")
+    if not isinstance(limit, int | float) or not isinstance(rows, list):
+        return False  # let the daemon decide
+    measured = [float(r["measured"]) for r in rows if isinstance(r, dict) and isinstance(r.get("measured"),
+                                                                                        int | float)]
+    if not measured or max(measured) > limit:
+        return False
+    _finish_nochange(term, as_json, f"no layer above threshold {limit:g} (max imbalance {max(measured):.3f})")
+    return True
+
+
 def _confirm(question: str) -> bool:
     try:
         return click.confirm(question, default=False, err=True)
@@ -216,6 +258,14 @@ def _finish_nochange(term: Terminal, as_json: bool, message: str) -> None:
         term.json({"job": None, "message": message})
     else:
         term.line(message)
+
+
+def _steps(job: dict[str, Any]) -> str:
+    """' (steps 49-55)', ' (from step 49)' while the end is unknown (a failed job), '' without a start."""
+    start, end = job.get("started_step"), job.get("finished_step")
+    if start is None:
+        return ""
+    return f" (from step {start})" if end is None else f" (steps {start}-{end})"
 
 
 def report_job(term: Terminal, job: dict[str, Any], as_json: bool, show_job_plan: bool) -> None:
@@ -234,8 +284,7 @@ def report_job(term: Terminal, job: dict[str, Any], as_json: bool, show_job_plan
                 pass  # the plan is informative here; the measured result below is what matters
         term.table(result_table(job))
         term.line(f"job {job['job_id']} {state}: {len(job.get('done_layers') or [])} of "
-                  f"{len(job.get('layers') or [])} layers moved (steps {job.get('started_step')}"
-                  f"-{job.get('finished_step')})")
+                  f"{len(job.get('layers') or [])} layers moved{_steps(job)}")
     if state == "failed":
         raise CliError(f"job {job['job_id']} failed: {job.get('error') or 'no reason given'}", EXIT_FAILURE)
 
