@@ -24,11 +24,13 @@ def slots_per_device(num_experts: int, num_devices: int, redundant: int) -> int:
         raise PlacementError(f"experts and devices must be positive (got E={num_experts}, N={num_devices})")
     if redundant < 0:
         raise PlacementError(f"redundant slots must be >= 0 (got {redundant})")
+    most = num_experts * (num_devices - 1)  # beyond it a device would hold two replicas of one expert
+    if redundant > most:
+        raise PlacementError(f"{redundant} redundant slots exceed the {most} that {num_experts} experts on "
+                             f"{num_devices} devices can use (one replica of an expert per device)")
     total = num_experts + redundant
     if total % num_devices:
-        smallest = (-num_experts) % num_devices
-        while smallest < redundant:
-            smallest += num_devices
+        smallest = redundant + (-total) % num_devices  # closed form: a huge R must not loop
         raise PlacementError(
             f"{num_experts} experts + {redundant} redundant slots do not divide over {num_devices} devices; "
             f"the smallest redundant count >= {redundant} that works is {smallest}"

@@ -153,3 +153,10 @@ def test_moves_count_only_experts_new_to_their_device() -> None:
 def test_moves_shape_mismatch_rejected() -> None:
     with pytest.raises(PlacementError, match="differ in shape"):
         count_moves(good(), good()[:1])
+
+def test_huge_redundant_count_is_refused_at_once_not_looped() -> None:
+    with pytest.raises(PlacementError, match="exceed the 768 that 256 experts on 4 devices can use"):
+        slots_per_device(256, 4, 99999999999999999999)
+    with pytest.raises(PlacementError, match="exceed the 0 that"):
+        slots_per_device(8, 1, 1)
+    assert slots_per_device(256, 4, 768) == 256  # the most: every device holds every expert once
