@@ -37,8 +37,15 @@ class MapFileError(ValueError):
 
 def _int(value: Any, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise MapFileError(f"{where}: expected an integer, got {value!r}")
+        raise MapFileError(f"{where}: expected an integer, got {_short(value)}")
+    if not -(2**63) <= value < 2**63:  # no id is that large; numpy would overflow on it
+        raise MapFileError(f"{where}: {_short(value)} is out of range")
     return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _list(value: Any, where: str) -> list[Any]:
@@ -92,6 +99,8 @@ def ascend_to_placement(doc: Any, where: str) -> np.ndarray:
                 raise MapFileError(f"{where}: layer {layer_id} device {dev_id} has {len(by_id[dev_id])} "
                                    f"experts, expected {shape[1]}")
         rows[layer_id] = [by_id[d] for d in sorted(by_id)]
+    if sorted(rows) != list(range(len(rows))):  # MoE layer indices, like the device ids
+        raise MapFileError(f"{where}: layer ids {_short(sorted(rows))} are not 0..{len(rows) - 1}")
     return np.array([rows[lid] for lid in sorted(rows)], dtype=np.int64)  # [L, N, S]
 
 
@@ -192,12 +201,29 @@ def write_map(path: str | Path, phy2log: np.ndarray, fmt: str = "ascend", num_ex
         raise MapFileError(f"{where}: unknown map format '{fmt}' (choose from {', '.join(FORMATS)})")
     arr = _validated(phy2log, num_experts, where)
     doc = placement_to_ascend(arr) if fmt == "ascend" else placement_to_sglang(arr)
-    tmp = Path(f"{path}.tmp{os.getpid()}")
+    _write_text(Path(path), json.dumps(doc) + "\n", where)
+
+
+def _write_text(path: Path, text: str, where: str) -> None:
+    """Atomic replace for a regular file (readers never see half a map), through a symlink to its target;
+    a FIFO, a device or /dev/stdout is written in place: replacing it would destroy it."""
+    if not where:
+        raise MapFileError("no output path given")
     try:
-        tmp.write_text(json.dumps(doc) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        target = path.resolve() if path.is_symlink() else path
+        if target.exists() and not target.is_file():
+            if target.is_dir():
+                raise MapFileError(f"{where}: is a directory")
+            with open(target, "w", encoding="utf-8") as out:
+                out.write(text)
+            return
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise MapFileError(f"{where}: cannot write ({exc.strerror or exc.__class__.__name__})") from None
 
 

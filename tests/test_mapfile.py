@@ -160,3 +160,52 @@ def test_diff_maps_counts_moves_per_layer() -> None:
     assert diff_maps(old, old).tolist() == [0, 0]
     with pytest.raises(MapFileError, match="maps differ in shape"):
         diff_maps(old, old[:1])
+
+
+def test_writing_through_a_symlink_updates_its_target_and_keeps_the_link(tmp_path: Path) -> None:
+    target = tmp_path / "target.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    write_map(link, placement())
+    assert link.is_symlink()
+    assert np.array_equal(read_map(target, num_devices=3), placement())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "target.json"]
+
+
+def test_writing_to_a_fifo_feeds_its_reader_instead_of_replacing_it(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    write_map(fifo, placement(), "sglang")
+    reader.join(timeout=10)
+    assert fifo.exists() and not fifo.is_file()  # still a FIFO
+    assert json.loads(got[0])["physical_to_logical_map"] == placement().reshape(2, -1).tolist()
+
+
+def test_writing_to_a_directory_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(MapFileError, match="is a directory"):
+        write_map(tmp_path, placement())
+
+
+def test_ascend_layer_ids_must_be_the_moe_indices(tmp_path: Path) -> None:
+    doc = placement_to_ascend(placement())
+    doc["layer_list"][1]["layer_id"] = 9
+    with pytest.raises(MapFileError, match=r"layer ids \[0, 9\] are not 0..1"):
+        read_map(write(tmp_path, doc))
+
+
+@pytest.mark.parametrize("fmt", ["ascend", "sglang"])
+def test_an_id_too_large_for_int64_is_bad_data_not_an_overflow(tmp_path: Path, fmt: str) -> None:
+    doc = placement_to_ascend(placement()) if fmt == "ascend" else placement_to_sglang(placement())
+    if fmt == "ascend":
+        doc["layer_list"][0]["device_list"][0]["device_expert"][0] = 10**30
+    else:
+        doc["physical_to_logical_map"][0][0] = 10**30
+    with pytest.raises(MapFileError, match="out of range"):
+        read_map(write(tmp_path, doc), num_devices=3)
