@@ -150,6 +150,8 @@ def validate_heat(arr: Any, where: str) -> np.ndarray:
         raise HeatError(f"{where}: boolean array; counts must be numbers")
     try:
         out = np.array(arr, dtype=np.float64)
+    except OverflowError:
+        raise HeatError(f"{where}: a count too large to be a number of tokens") from None
     except (ValueError, TypeError) as exc:
         ragged = None
         if isinstance(arr, (list, tuple)) and _depth(arr) in (2, 3):
@@ -261,15 +263,22 @@ def save_compact(path: str | Path, data: HeatData) -> None:
                             source=np.asarray(data.source), notes=np.asarray(data.notes, dtype=str))
 
 
+def _loads(text: str, where: str, one_line: bool = False) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        at = "" if one_line else f"line {exc.lineno}: "  # a JSONL line's number is in `where` already
+        raise HeatError(f"{where}: not valid JSON ({at}{exc.msg})") from None
+    except ValueError:  # Python refuses integers of more than 4300 digits (and says how to lift that)
+        raise HeatError(f"{where}: a number with thousands of digits; counts must fit in 64 bits") from None
+
+
 def _json_lines(text: str, name: str) -> list[tuple[int, dict[str, Any]]]:
     out = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise HeatError(f"{name} line {lineno}: not valid JSON ({exc.msg})") from None
+        rec = _loads(line, f"{name} line {lineno}", one_line=True)
         if not isinstance(rec, dict):
             raise HeatError(f"{name} line {lineno}: expected a JSON object, found {type(rec).__name__}")
         out.append((lineno, rec))
@@ -445,8 +454,10 @@ def _load_heat(path: str | Path) -> HeatData:
     """Read a heat file in any supported format (see the module docstring) -> HeatData."""
     path = Path(path)
     name = str(path)
-    if not path.is_file():
+    if not path.exists():
         raise HeatError(f"{name}: no such file")
+    if path.is_dir():
+        raise HeatError(f"{name}: is a directory, not a heat file")
     suffix = path.suffix.lower()
     kind = {".npz": "npz", ".pt": "pt", ".pth": "pt"}.get(suffix) or _zip_kind(path)
     if kind == "npz":
@@ -457,7 +468,7 @@ def _load_heat(path: str | Path) -> HeatData:
     first = next((line for line in text.splitlines() if line.strip()), "")
     try:
         head = json.loads(first)
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, or a number with thousands of digits: decided below
         head = None
     if suffix == ".jsonl" or (isinstance(head, dict) and ("type" in head or "step" in head)):
         records = _json_lines(text, name)
@@ -468,10 +479,7 @@ def _load_heat(path: str | Path) -> HeatData:
         if "step" in records[0][1]:
             return _load_steps(records, name)
         raise HeatError(f"{name}: unknown JSONL records (expected 'step'/'counts' or 'type': 'route')")
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise HeatError(f"{name}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    doc = _loads(text, name)
     if isinstance(doc, dict) and "logical_count" in doc:
         return _from_raw(doc["logical_count"], f"{name}: logical_count", name, [])
     if isinstance(doc, dict) and "counts" in doc:

@@ -321,3 +321,21 @@ def test_absurdly_nested_json_is_a_one_line_error_not_a_recursion_traceback(tmp_
     path.write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(HeatError, match="nested too deeply"):
         load_heat(path)
+
+
+@pytest.mark.parametrize(("digits", "message"), [(400, "a count too large to be a number of tokens"),
+                                                 (5000, "a number with thousands of digits")])
+def test_a_count_with_hundreds_of_digits_is_bad_data_naming_the_file(tmp_path: Path, digits: int,
+                                                                     message: str) -> None:
+    path = tmp_path / "big.json"
+    path.write_text('{"logical_count": [[1, ' + "9" * digits + "]]}")
+    with pytest.raises(HeatError, match=f"big.json.*{message}") as info:
+        load_heat(path)
+    assert "set_int_max_str_digits" not in str(info.value)
+
+
+def test_a_device_or_directory_is_not_called_missing(tmp_path: Path) -> None:
+    with pytest.raises(HeatError, match="/dev/null: not valid JSON"):
+        load_heat("/dev/null")
+    with pytest.raises(HeatError, match="is a directory"):
+        load_heat(tmp_path)
