@@ -80,6 +80,12 @@ class DaemonUnavailable(ClientError):
     exit_code = EX_UNAVAILABLE
 
 
+class BadEndpoint(ClientError):
+    """ZeroMQ cannot connect to the endpoint as written (a host it cannot parse): the command line's fault."""
+
+    exit_code = 2
+
+
 class DaemonError(ClientError):
     """The daemon answered with an error reply (`code` is an `ErrorCode` or a newer daemon's int)."""
 
@@ -109,8 +115,9 @@ class Client:
             if not key:
                 msg = f"{self.endpoint}: a tcp:// endpoint needs a key (the daemon refuses tcp without one)"
                 raise ValueError(msg)
-            if self.endpoint.endswith(":*"):
-                msg = f"{self.endpoint}: cannot connect to a wildcard port; give the daemon's port"
+            host = self.endpoint[len("tcp://"):].rpartition(":")[0]
+            if self.endpoint.endswith(":*") or host == "*":
+                msg = f"{self.endpoint}: cannot connect to a wildcard; give the daemon's host and port"
                 raise ValueError(msg)
         self.timeout_s = float(timeout_s)
         self.key = key or None
@@ -151,7 +158,12 @@ class Client:
         if self._socket is None:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.endpoint)
+            try:
+                sock.connect(self.endpoint)
+            except zmq.ZMQError as exc:
+                # An unclosed socket would make close()'s ctx.term() wait forever.
+                sock.close(linger=0)
+                raise BadEndpoint(f"cannot connect to {self.endpoint}: {exc.strerror}") from None
             self._socket = sock
         return self._socket
 

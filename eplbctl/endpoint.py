@@ -16,7 +16,7 @@ SOCKET_NAME = "control.sock"
 # sockaddr_un.sun_path is 108 bytes on Linux (104 on macOS) including the NUL; zmq fails with an
 # obscure errno past it, so we say so ourselves.
 MAX_IPC_PATH_BYTES = 103
-_SCHEMES = ("ipc", "tcp", "inproc")
+_SCHEMES = ("ipc", "tcp")  # inproc:// lives inside one process: no daemon can ever answer there
 
 
 def _default_dir() -> str:

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,32 +24,6 @@ from eplbctl.policies.base import PolicyError
 
 REPO = Path(__file__).resolve().parent.parent
 HUGE = "99999999999999999999999"
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ectl-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def daemon() -> FakeDaemon:
-    return FakeDaemon()
-
-
-@pytest.fixture
-def endpoint(sockdir: Path, daemon: FakeDaemon) -> Iterator[str]:
-    server = serve(f"ipc://{sockdir / 'control.sock'}", daemon)
-    try:
-        yield server.bound_endpoint
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def absent(sockdir: Path) -> str:
-    return f"ipc://{sockdir / 'nobody.sock'}"
 
 
 def run(*args: str, input: str | None = None) -> Result:
@@ -153,8 +124,8 @@ def test_policy_refusing_an_instance_as_too_large_is_bad_data_in_plan() -> None:
 def test_more_slots_per_device_than_experts_is_usage_error() -> None:
     result = plan("--devices", "1", "--redundant", "1")
     one_line_error(result, 2)
-    assert result.stderr.endswith("error: S=257 slots per device exceeds E=256 experts: at most 0 redundant "
-                                  "slots for 1 devices\n")
+    assert result.stderr.endswith("error: 1 redundant slots exceed the 0 that 256 experts on 1 devices can use "
+                                  "(one replica of an expert per device)\n")
     result = plan("--devices", "2", "--slots-per-device", "300")
     one_line_error(result, 2, "S=300 slots per device exceeds E=256 experts: at most 256 redundant slots for 2")
 
@@ -199,6 +170,9 @@ def test_layer_range_is_checked_against_the_daemon(endpoint: str, daemon: FakeDa
     (["status", "--sort", "x"], "Invalid value for '--sort': 'x' is not one of 'layer', 'imbalance'."),
     (["completion", "tcsh"], "Invalid value for '{bash|zsh|fish}': 'tcsh' is not one of"),
     (["rebalance"], "give exactly one of --layers SPEC or --auto"),
+    (["status", "--watch", "inf"], "Invalid value for '--watch': inf is not in the range"),
+    (["status", "--watch", "nan"], "Invalid value for '--watch': nan is not a finite number"),
+    (["profile", "--last", "99999999999999999999999"], "Invalid value for '--last': 99999999999999999999999 is"),
 ])
 def test_click_usage_errors_are_one_line(args: list[str], message: str) -> None:
     result = run(*args)
@@ -262,6 +236,20 @@ def test_tcp_port_outside_1_65535_is_rejected(port: str, tmp_path: Path) -> None
     one_line_error(result, 2, "endpoint 'tcp://127.0.0.1:")
     with pytest.raises(ValueError, match=r"port|host"):
         resolve_endpoint(f"tcp://127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize(("endpoint", "message"), [
+    ("tcp://*:5555", "tcp://*:5555: cannot connect to a wildcard"),
+    ("tcp://a b:1", "cannot connect to tcp://a b:1"),
+    ("inproc://x", "unsupported endpoint 'inproc://x'"),
+])
+@pytest.mark.parametrize("command", ["status", "profile"])
+def test_endpoint_zeromq_cannot_connect_to_is_a_usage_error_not_a_hang(endpoint: str, message: str, command: str,
+                                                                       tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("secret")
+    result = run("--endpoint", endpoint, "--key-file", str(key), "--timeout", "2", command)
+    one_line_error(result, 2, message)
 
 
 def test_tcp_endpoint_forms_that_stay_valid() -> None:

@@ -42,6 +42,7 @@ EXIT_PROTOCOL = 76  # EX_PROTOCOL: the daemon answered something this version do
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 DEFAULT_TIMEOUT_S = 10.0
+MAX_COUNT = 2**31 - 1  # counts sent to the daemon (--last, --top) must fit its protocol's integers
 MAX_TIMEOUT_S = 86400.0  # a day: a longer wait on one reply is a typo, and zmq's poll overflows on inf
 
 # The registry's built-in names (eplbctl.policies.REGISTRY, checked by a test): shell completion must
@@ -104,6 +105,8 @@ def translate(exc: BaseException, *, not_running: int | None = None, unknown: in
 
         if isinstance(exc, DaemonUnavailable):
             return CliError(message, not_running if not_running is not None else _code(exc, EXIT_UNAVAILABLE))
+        if _code(exc, 0) == EXIT_USAGE:  # an endpoint ZeroMQ cannot parse: not a daemon state
+            return CliError(message, EXIT_USAGE)
         return CliError(message, unknown if unknown is not None else _code(exc, EXIT_SOFTWARE))
     if isinstance(exc, UnexpectedReply):
         return CliError(message, unknown if unknown is not None else EXIT_PROTOCOL)

@@ -8,6 +8,7 @@ import click
 from rich.table import Table
 
 from eplbctl.cli.base import (
+    MAX_COUNT,
     CliContext,
     Terminal,
     UnexpectedReply,
@@ -69,7 +70,7 @@ def memory_line(memory: dict[str, Any]) -> str:
 
 
 @click.command()
-@click.option("--last", type=click.IntRange(min=1), default=10, show_default=True, metavar="N",
+@click.option("--last", type=click.IntRange(min=1, max=MAX_COUNT), default=10, show_default=True, metavar="N",
               help="How many of the most recent jobs to show.")
 @json_option
 @pass_ctx

@@ -15,11 +15,14 @@ from rich.table import Table
 from eplbctl.cli.base import (
     EXIT_NOT_RUNNING,
     EXIT_UNKNOWN,
+    MAX_COUNT,
+    MAX_TIMEOUT_S,
     CliContext,
     CliError,
     Terminal,
     UnexpectedReply,
     field,
+    finite_or_none,
     fmt_ratio,
     fmt_summary,
     handle_errors,
@@ -115,11 +118,11 @@ def render(term: Terminal, reply: dict[str, Any], rows: list[dict[str, Any]], as
 @click.option("--layers", "spec", metavar="SPEC", help="MoE layers to show, e.g. 3,7-9 (default: all).")
 @click.option("--sort", type=click.Choice(["layer", "imbalance"]), default="layer", show_default=True,
               help="Row order: by layer id, or by measured imbalance (worst first).")
-@click.option("--top", type=click.IntRange(min=1), metavar="N",
+@click.option("--top", type=click.IntRange(min=1, max=MAX_COUNT), metavar="N",
               help="Show only the N layers with the highest measured imbalance.")
-@click.option("--watch", type=click.FloatRange(min=0.1), metavar="SECONDS",
+@click.option("--watch", type=click.FloatRange(min=0.1, max=MAX_TIMEOUT_S), metavar="SECONDS", callback=finite_or_none,
               help="Refresh every SECONDS until Ctrl-C.")
-@click.option("--watch-count", type=click.IntRange(min=1), hidden=True,
+@click.option("--watch-count", type=click.IntRange(min=1, max=MAX_COUNT), hidden=True,
               help="Stop --watch after this many refreshes (for scripts and tests).")
 @json_option
 @pass_ctx
