@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,33 +10,6 @@ from click.testing import CliRunner, Result
 from fake_daemon import FakeDaemon, serve
 
 from eplbctl.cli import main
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    # Short path on purpose: an ipc socket path must stay under ~100 bytes (pytest's tmp_path may not).
-    path = Path(tempfile.mkdtemp(prefix="ectl-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def daemon() -> FakeDaemon:
-    return FakeDaemon()
-
-
-@pytest.fixture
-def endpoint(sockdir: Path, daemon: FakeDaemon) -> Iterator[str]:
-    server = serve(f"ipc://{sockdir / 'control.sock'}", daemon)
-    try:
-        yield server.bound_endpoint
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def absent(sockdir: Path) -> str:
-    return f"ipc://{sockdir / 'nobody.sock'}"
 
 
 def run(endpoint: str, *args: str, input: str | None = None) -> Result:
