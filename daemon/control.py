@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 from eplbd.aggregator import HeatHistory
 from eplbd.faults import Faults
-from eplbd.planner import PlanJob, Planner, PlannerError
+from eplbd.fields import layer_list, rebalance_fields, str_field
+from eplbd.planner import PlanJob, Planner, PlannerError, PolicyRefused
+from eplbd.plans import PlanStore
 from eplbd.profiler import JobProfile, layer_outcomes
 
 from eplbctl.metrics import measured_imbalance, predicted_imbalance, summarize
-from eplbctl.policies import get_policy
-from eplbctl.policies.base import PolicyError, Topology
+from eplbctl.policies.base import Topology
 from eplbctl.protocol import RequestError
 
 log = logging.getLogger("eplbd.control")
@@ -78,6 +79,7 @@ class Control:
         self._probe: dict[str, Any] = {}
         self._probe_waiters: dict[int, threading.Event] = {}
         self._predicted: tuple[int, str, np.ndarray] | None = None
+        self.plans = PlanStore()
         self.fault: str | None = None
         self.events: collections.deque[str] = collections.deque(maxlen=20)
         self.shutdown = threading.Event()
@@ -209,7 +211,7 @@ class Control:
     def status(self, content: dict) -> dict:
         snap = self._require_snapshot()
         L = snap.placement.shape[0]
-        layers = _layer_list(content.get("layers"), L) or list(range(L))
+        layers = layer_list(content.get("layers"), L) or list(range(L))
         measured = measured_imbalance(snap.slot_window)
         current = predicted_imbalance(snap.placement, snap.heat_window)
         predicted = self._predicted_after(snap)
@@ -264,50 +266,63 @@ class Control:
         snap = self._require_snapshot()
         if self.fault:
             raise RequestError(503, f"the deployment has failed: {self.fault}")
-        L = snap.placement.shape[0]
-        policy = _str_field(content, "policy") or self.policy
-        params = content.get("params") or {}
-        if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
-            raise RequestError(400, "params must be a map of strings")
-        try:
-            get_policy(policy, params)
-        except PolicyError as exc:
-            raise RequestError(422, str(exc)) from None
-        threshold = content.get("threshold")
-        threshold = self.threshold if threshold is None else _threshold(threshold)
-        dry_run = content.get("dry_run", False)
-        if not isinstance(dry_run, bool):
-            raise RequestError(400, "dry_run must be true or false")
-        min_gain = content.get("min_gain")
-        min_gain = self.min_gain if min_gain is None else _min_gain(min_gain)
+        dry_run = content.get("dry_run")
+        if not isinstance(dry_run, bool):  # a request that forgot it must not start a real job
+            raise RequestError(400, "dry_run is required: true to preview a plan, false to apply one")
+        plan_id = str_field(content, "plan_id")
+        if plan_id is not None:
+            if dry_run:
+                raise RequestError(422, "plan_id applies a previewed plan: send it with dry_run false")
+            return self._apply_preview(plan_id)
+        req = rebalance_fields(content, snap.placement.shape[0], self.policy, self.threshold, self.min_gain)
         measured = measured_imbalance(snap.slot_window)
-        if content.get("auto"):
-            layers = [la for la in range(L) if measured[la] > threshold]
-        else:
-            layers = _layer_list(content.get("layers"), L)
-            if not layers:
-                raise RequestError(422, "no layers given: use layers or auto")
-        with self._lock:
-            if not dry_run and (self._active is not None or self._planning):
-                raise RequestError(409, "a redeployment is already running" +
-                                   (f" (job {self._active})" if self._active is not None else " (planning)"))
-            if not dry_run:
-                self._planning = True
+        layers = req.layers
+        if layers is None:
+            layers = [la for la in range(len(measured)) if measured[la] > req.threshold]
+        if not dry_run:
+            with self._lock:
+                self._claim()
         try:
             fault = None if dry_run else self.faults.policy_fault()
             try:
-                placement, report = self.planner.plan(self._plan_job(snap, layers, policy, params, min_gain, fault))
+                plan_job = self._plan_job(snap, layers, req.policy, req.params, req.min_gain, fault)
+                placement, report = self.planner.plan(plan_job)
+            except PolicyRefused as exc:
+                raise RequestError(422, str(exc)) from None
             except PlannerError as exc:
                 self.events.append(f"step {snap.step}: {exc}")
                 raise RequestError(500, str(exc)) from None
             if dry_run:
-                return {"plan": report}
+                return {"plan": {**report, "plan_id": self.plans.add(layers, snap.placement, placement, report)}}
             self._check_staging(snap.placement, placement, report)
-            return {"job": self._queue_job(snap, layers, placement, report, measured)}
+            return {"job": self._queue_job(snap, layers, placement, {**report, "plan_id": None}, measured)}
         finally:
             if not dry_run:
                 with self._lock:
                     self._planning = False
+
+    def _claim(self) -> None:
+        """Under the lock: one redeployment at a time, from its planning to its end."""
+        if self._active is not None or self._planning:
+            raise RequestError(409, "a redeployment is already running" +
+                               (f" (job {self._active})" if self._active is not None else " (planning)"))
+        self._planning = True
+
+    def _apply_preview(self, plan_id: str) -> dict:
+        """Queue exactly the rows a dry run planned, if none of its layers changed since."""
+        with self._lock:
+            self._claim()
+            snap = self._snapshot  # no job runs, so this placement is the one in force
+        try:
+            stored = self.plans.take(plan_id, snap.placement)
+            placement = snap.placement.copy()
+            placement[stored.layers] = stored.rows
+            self._check_staging(snap.placement, placement, stored.report)
+            return {"job": self._queue_job(snap, stored.layers, placement, stored.report,
+                                           measured_imbalance(snap.slot_window))}
+        finally:
+            with self._lock:
+                self._planning = False
 
     def _check_staging(self, current: np.ndarray, placement: np.ndarray, report: dict) -> None:
         """Refuse, before anything moves, a layer that needs more staging slots than a rank has."""
@@ -397,33 +412,3 @@ class Control:
 def _replicas(placement: np.ndarray, num_experts: int) -> np.ndarray:
     from eplbctl.placement import replica_counts
     return replica_counts(placement, num_experts)
-
-
-def _str_field(content: dict, key: str) -> str | None:
-    value = content.get(key)
-    if value is not None and not isinstance(value, str):
-        raise RequestError(400, f"{key} must be a string")
-    return value
-
-
-def _threshold(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value < 1.0:
-        raise RequestError(422, f"threshold must be a number >= 1.0 (imbalance is max/mean), got {value!r}")
-    return float(value)
-
-
-def _min_gain(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value < 0:
-        raise RequestError(422, f"min_gain must be a number >= 0 (imbalance improvement), got {value!r}")
-    return float(value)
-
-
-def _layer_list(value: Any, num_layers: int) -> list[int] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise RequestError(400, "layers must be a list of integers")
-    bad = [v for v in value if not 0 <= v < num_layers]
-    if bad:
-        raise RequestError(422, f"layer {bad[0]} out of range 0-{num_layers - 1}")
-    return sorted(set(value))

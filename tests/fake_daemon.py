@@ -36,6 +36,7 @@ class FakeDaemon:
         self.bad_verify = bad_verify
         self.polls = 0
         self.job_layers: list[int] = []
+        self.previewed: list[int] = []
         self.stopped = threading.Event()
 
     def handlers(self) -> dict[str, Any]:
@@ -75,7 +76,10 @@ class FakeDaemon:
             raise RequestError(422, f"unknown policy {content['policy']!r} (valid: default)")
         layers = content["layers"] if content.get("layers") is not None else [2, 5]
         if content.get("dry_run"):
-            return {"plan": self.plan(layers)}
+            self.previewed = list(layers)
+            return {"plan": {**self.plan(layers), "plan_id": "p1"}}
+        if content.get("plan_id") is not None:  # the confirmed preview, as the real daemon applies it
+            layers = self.previewed
         self.job_layers = list(layers)
         self.polls = 0
         return {"job": self.job_report("queued", [])}

@@ -21,7 +21,7 @@ BASE = ["--layers", "4", "--tokens", "32", "--tick", "4", "--window", "10", "--h
 def test_corrupted_transfer_aborts_the_layer_on_every_rank_and_keeps_output():
     with running_sim("--ranks", "2", *BASE, "--fault", "corrupt:rank=1:layer=2") as sim, sim.client() as c:
         before = c.request("inspect", {"layer": 2})["phy2log"]
-        job = wait_job(c, c.request("rebalance", {"layers": [2]})["job"]["job_id"], settled=False)
+        job = wait_job(c, c.request("rebalance", {"layers": [2], "dry_run": False})["job"]["job_id"], settled=False)
         assert job["state"] == "failed" and "layer 2 aborted on every rank" in job["error"]
         assert "rank 1: checksum mismatch" in job["error"]             # named as corruption, not a timeout
         assert c.request("inspect", {"layer": 2})["phy2log"] == before        # old placement kept
@@ -29,7 +29,7 @@ def test_corrupted_transfer_aborts_the_layer_on_every_rank_and_keeps_output():
         st = c.request("status", {})
         assert st["fault"] is None and st["transfer"] == "idle"
         assert any("aborted" in e for e in st["events"])
-        again = wait_job(c, c.request("rebalance", {"layers": [2]})["job"]["job_id"])
+        again = wait_job(c, c.request("rebalance", {"layers": [2], "dry_run": False})["job"]["job_id"])
         assert again["state"] == "done"                                        # the fault fired once
         assert c.request("inspect", {"layer": 2})["phy2log"] != before
         assert c.request("verify", {})["ok"]
@@ -40,18 +40,18 @@ def test_failing_or_hanging_policy_means_no_change_and_the_next_rebalance_works(
     with running_sim(*args) as sim, sim.client(timeout_s=30) as c:
         before = [c.request("inspect", {"layer": la})["phy2log"] for la in range(4)]
         with pytest.raises(DaemonError) as err:
-            c.request("rebalance", {"layers": [0]})
+            c.request("rebalance", {"layers": [0], "dry_run": False})
         assert err.value.code == 500 and "injected policy failure" in str(err.value)
         started = time.monotonic()
         with pytest.raises(DaemonError) as err:
-            c.request("rebalance", {"layers": [0]})
+            c.request("rebalance", {"layers": [0], "dry_run": False})
         assert err.value.code == 500 and "did not answer within 3s" in str(err.value)
         assert time.monotonic() - started < 15
         assert [c.request("inspect", {"layer": la})["phy2log"] for la in range(4)] == before
         events = c.request("status", {})["events"]
         assert any("injected policy failure" in e for e in events)
         assert any("did not answer" in e for e in events)
-        job = wait_job(c, c.request("rebalance", {"layers": [0]})["job"]["job_id"])
+        job = wait_job(c, c.request("rebalance", {"layers": [0], "dry_run": False})["job"]["job_id"])
         assert job["state"] == "done"
         assert c.request("verify", {})["ok"]
 
@@ -74,7 +74,7 @@ def test_killed_rank_mid_redeployment_stops_the_others_within_the_timeout_and_st
     args = ["--ranks", "3", *BASE, "--redundant", "2", "--comm-timeout", "6", "--fault", "kill:rank=2:layer=1"]
     with running_sim(*args) as sim, sim.client(timeout_s=30) as c:
         before = c.request("inspect", {"layer": 1})["phy2log"]
-        job = c.request("rebalance", {"layers": [0, 1, 2, 3]})["job"]
+        job = c.request("rebalance", {"layers": [0, 1, 2, 3], "dry_run": False})["job"]
         started = time.monotonic()
         done = wait_job(c, job["job_id"], timeout_s=60, settled=False)
         assert done["state"] == "failed"
@@ -82,7 +82,7 @@ def test_killed_rank_mid_redeployment_stops_the_others_within_the_timeout_and_st
         st = c.request("status", {})                       # the control server still answers
         assert st["transfer"] == "failed" and st["fault"].startswith("rank 2 exited with code 17")
         with pytest.raises(DaemonError) as err:
-            c.request("rebalance", {"layers": [1]})
+            c.request("rebalance", {"layers": [1], "dry_run": False})
         assert err.value.code == 503 and "failed" in str(err.value)
         assert 0 in done["done_layers"] and 1 not in done["done_layers"]
         assert done["finished_step"] is not None
@@ -94,7 +94,7 @@ def test_killed_rank_mid_redeployment_stops_the_others_within_the_timeout_and_st
 def test_hung_rank_is_named_and_stopped_while_the_others_keep_the_old_placement():
     args = ["--ranks", "3", *BASE, "--redundant", "2", "--comm-timeout", "4", "--fault", "hang:rank=1:layer=1"]
     with running_sim(*args) as sim, sim.client(timeout_s=30) as c:
-        job = c.request("rebalance", {"layers": [0, 1, 2]})["job"]
+        job = c.request("rebalance", {"layers": [0, 1, 2], "dry_run": False})["job"]
         done = wait_job(c, job["job_id"], timeout_s=60, settled=False)
         assert done["state"] == "failed" and 1 not in done["done_layers"]
         deadline = time.monotonic() + 40
@@ -109,10 +109,11 @@ def test_layer_needing_more_staging_than_a_rank_has_is_refused_before_anything_m
     with running_sim("--ranks", "2", *BASE, "--staging-slots", "8") as sim, sim.client() as c:
         before = c.request("inspect", {"layer": 1})["phy2log"]
         with pytest.raises(DaemonError) as err:
-            c.request("rebalance", {"layers": [1]})
+            c.request("rebalance", {"layers": [1], "dry_run": False})
         assert err.value.code == 422 and "more than its 8 staging slots" in str(err.value)
         assert c.request("inspect", {"layer": 1})["phy2log"] == before
-        small = c.request("rebalance", {"layers": [1], "policy": "swift", "params": {"max_moves": "0.02"}})["job"]
+        small = c.request("rebalance", {"layers": [1], "policy": "swift", "params": {"max_moves": "0.02"},
+                                        "dry_run": False})["job"]
         done = wait_job(c, small["job_id"], settled=False)
         assert done["state"] in ("done", "nochange"), done
         assert c.request("verify", {})["ok"]

@@ -51,7 +51,7 @@ def test_rebalance_moves_real_weights_and_output_stays_bit_identical(sim):
         assert dry["layers"][0]["moves"] > 0 and dry["layers"][0]["after"] < dry["layers"][0]["before"]
         assert c.request("inspect", {"layer": worst})["phy2log"] == before[worst]["phy2log"]  # dry run changes nothing
 
-        job = c.request("rebalance", {"layers": [worst]})["job"]
+        job = c.request("rebalance", {"layers": [worst], "dry_run": False})["job"]
         done = wait_job(c, job["job_id"])
         assert done["state"] == "done", done
         assert done["measured_after"][str(worst)] < done["measured_before"][str(worst)]
@@ -74,9 +74,9 @@ def test_rebalance_moves_real_weights_and_output_stays_bit_identical(sim):
 
 def test_second_rebalance_while_one_runs_is_refused_not_interleaved(sim):
     with sim.client() as c:
-        first = c.request("rebalance", {"layers": [0, 1, 2, 3]})["job"]
+        first = c.request("rebalance", {"layers": [0, 1, 2, 3], "dry_run": False})["job"]
         with pytest.raises(DaemonError) as err:
-            c.request("rebalance", {"layers": [0]})
+            c.request("rebalance", {"layers": [0], "dry_run": False})
         assert err.value.code == 409
         done = wait_job(c, first["job_id"], settled=False)
         assert done["state"] in ("done", "nochange")
@@ -86,13 +86,13 @@ def test_second_rebalance_while_one_runs_is_refused_not_interleaved(sim):
 def test_bad_requests_get_errors_and_the_daemon_keeps_serving(sim):
     with sim.client() as c:
         with pytest.raises(DaemonError) as err:
-            c.request("rebalance", {"layers": [99]})
+            c.request("rebalance", {"layers": [99], "dry_run": False})
         assert err.value.code == 422 and "out of range" in str(err.value)
         with pytest.raises(DaemonError) as err:
-            c.request("rebalance", {"layers": [0], "policy": "nope"})
+            c.request("rebalance", {"layers": [0], "policy": "nope", "dry_run": False})
         assert err.value.code == 422
         with pytest.raises(DaemonError) as err:
-            c.request("rebalance", {"auto": True, "threshold": float("nan")})
+            c.request("rebalance", {"auto": True, "threshold": float("nan"), "dry_run": False})
         assert err.value.code == 422
     ctx = zmq.Context.instance()
     raw = ctx.socket(zmq.DEALER)

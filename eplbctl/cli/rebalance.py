@@ -6,7 +6,9 @@ Order of events, so that a mistake never changes anything:
    with ``--auto``, a status request first: no layer above the threshold -> say so, exit 0, no job;
 2. without ``--yes``: stdin must be a terminal (else exit 1, nothing sent), a dry run is shown and the
    operator confirms (no/EOF -> exit 1, nothing changed);
-3. the real request; with ``--wait`` (default) the job is polled with a progress bar on stderr until
+3. the real request: after a preview, the previewed plan by its ``plan_id``, which the daemon applies
+   as planned or refuses when a layer of it changed since (then: preview again, nothing moved); with
+   ``--yes``, a fresh plan; with ``--wait`` (default) the job is polled with a progress bar on stderr until
    it is done / failed / nochange, then measured imbalance before/after is printed per layer.
 """
 
@@ -211,11 +213,15 @@ def rebalance(obj: CliContext, spec: str | None, auto: bool, threshold: float | 
         if not any(row.get("change") for row in plan["layers"]):
             _finish_nochange(term, as_json, "the plan changes no layer; nothing to do")
             return
+        plan_id = field(plan, "plan_id")  # before the prompt: without it the confirmed plan cannot be applied
+        if not isinstance(plan_id, str):
+            raise UnexpectedReply("unexpected reply from the daemon: 'plan_id' is not a string")
         if not _confirm(f"Apply this plan to {sum(1 for r in plan['layers'] if r.get('change'))} layer(s)?"):
             raise CliError("aborted; nothing was changed", EXIT_FAILURE)
-
-    job = field(obj.request("rebalance", request_content(layers, auto, threshold, policy, param_dict,
-                                                         dry_run=False, min_gain=min_gain)), "job")
+        job = _apply_preview(obj, plan_id)
+    else:
+        job = field(obj.request("rebalance", request_content(layers, auto, threshold, policy, param_dict,
+                                                             dry_run=False, min_gain=min_gain)), "job")
     if not wait:
         if as_json:
             term.json({"job": job})
@@ -224,6 +230,22 @@ def rebalance(obj: CliContext, spec: str | None, auto: bool, threshold: float | 
         return
     job = wait_for_job(obj, term, job, quiet=False)
     report_job(term, job, as_json, show_job_plan=yes and not as_json)
+
+
+def _apply_preview(obj: CliContext, plan_id: str) -> dict[str, Any]:
+    """Apply the plan the operator confirmed, by its id: the daemon never re-plans on newer heat."""
+    from eplbctl.client import DaemonError
+
+    def send(client: Any) -> dict[str, Any]:
+        try:
+            return client.request("rebalance", {"plan_id": plan_id, "dry_run": False})
+        except DaemonError as exc:
+            if exc.content.get("plan_stale"):
+                raise CliError(f"the plan changed since the preview; preview again ({exc}); nothing was changed",
+                               exc.exit_code) from None
+            raise
+
+    return field(obj.call(send), "job")
 
 
 def stdin_is_tty() -> bool:
