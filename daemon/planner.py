@@ -2,7 +2,8 @@
 
 A policy that raises, crashes or hangs must never leave the workers waiting for a plan: the parent
 waits at most `timeout_s`, kills a child that overran, and answers "no change" with the error.
-The next request starts a fresh child.
+The next request starts a fresh child. A policy refusing the instance or its params (its own
+PolicyError) is told apart: that is the request's problem, not a failure of the daemon.
 """
 
 from __future__ import annotations
@@ -17,11 +18,17 @@ from typing import Any
 
 import numpy as np
 
+from eplbctl.policies.base import PolicyError
+
 log = logging.getLogger("eplbd.planner")
 
 
 class PlannerError(RuntimeError):
     """The policy failed, crashed or timed out; the placement stays as it is."""
+
+
+class PolicyRefused(PlannerError):
+    """The policy refused the instance or its params (its own PolicyError): the request's problem."""
 
 
 @dataclass(frozen=True)
@@ -49,10 +56,38 @@ def run_plan(job: PlanJob) -> tuple[np.ndarray, dict]:
         time.sleep(3600)
     if job.fault == "crash":
         os._exit(3)
-    policy = get_policy(job.policy, job.params)
-    plan = make_plan(job.heat, job.current, Topology(**job.topology), policy, layers=job.layers,
-                     min_gain=job.min_gain, bytes_per_expert=job.bytes_per_expert)
+    try:
+        policy = _Refusals(get_policy(job.policy, job.params))
+    except PolicyError as exc:
+        raise PolicyRefused(str(exc)) from exc
+    try:
+        plan = make_plan(job.heat, job.current, Topology(**job.topology), policy, layers=job.layers,
+                         min_gain=job.min_gain, bytes_per_expert=job.bytes_per_expert)
+    except PolicyError as exc:
+        # make_plan also raises PolicyError for a policy's crash (wrapped) and for an invalid result:
+        # those are bugs, so only the error the policy's own `place` raised is a refusal.
+        if exc is policy.refusal:
+            raise PolicyRefused(str(exc)) from exc
+        raise
     return plan.placement, plan.to_report()
+
+
+class _Refusals:
+    """A policy whose `place` remembers the PolicyError it raised itself, if any."""
+
+    def __init__(self, policy: Any) -> None:
+        self._policy = policy
+        self.refusal: BaseException | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._policy, name)
+
+    def place(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._policy.place(*args, **kwargs)
+        except PolicyError as exc:
+            self.refusal = exc
+            raise
 
 
 def _warm() -> None:
@@ -77,6 +112,8 @@ def _child_main(conn: Any) -> None:
             return
         try:
             conn.send(("ok", run_plan(job)))
+        except PolicyRefused as exc:
+            conn.send(("refused", str(exc)))
         except Exception as exc:  # the parent turns this into "no change" plus an error event
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
@@ -158,6 +195,8 @@ class Planner:
             self._lock.release()
             if lost:
                 self.restart_in_background()
+        if status == "refused":
+            raise PolicyRefused(value)
         if status != "ok":
             raise PlannerError(f"policy {job.policy} failed: {value}")
         return value
