@@ -2,15 +2,50 @@
 
 from __future__ import annotations
 
-import math
+import os
+import signal
 import sys
 
-import click
-from eplbd.faults import FaultSpecError, parse_fault
-from eplbd.server import ServerError, take_over_socket
-from eplbd.sim import SimConfig
 
-from eplbctl.endpoint import ensure_endpoint_dir, resolve_endpoint
+def _quiet_interrupt(signum: int, frame: object) -> None:
+    os.write(2, b"eplbd: interrupted\n")
+    os._exit(130)
+
+
+def _is_the_program() -> bool:
+    # Spawned ranks and planners re-import the program's main module: they handle Ctrl-C themselves.
+    mp = sys.modules.get("multiprocessing")
+    if mp is not None and mp.parent_process() is not None:
+        return False
+    return __name__ == "__main__" or os.path.basename(sys.argv[0]) == "eplbd"
+
+
+# Ctrl-C while the interpreter is still importing (a second on a busy host) would print an import
+# traceback; until the launcher takes Ctrl-C over there is nothing to clean up, so exit quietly.
+# Only in the program itself, and never over an ignored SIGINT (a background job keeps ignoring it).
+if _is_the_program() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _quiet_interrupt)
+
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
+import math  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from typing import NoReturn  # noqa: E402
+
+import click  # noqa: E402
+from eplbd.faults import FaultSpecError, check_faults  # noqa: E402
+from eplbd.server import ServerError, take_over_socket  # noqa: E402
+from eplbd.sim import SimConfig  # noqa: E402
+
+from eplbctl.endpoint import ensure_endpoint_dir, resolve_endpoint  # noqa: E402
+
+EX_USAGE, EX_DATAERR, EX_CANTCREAT, EX_TEMPFAIL = 2, 65, 73, 75
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """One line on stderr and exit: every up-front check fails like this, before any rank starts."""
+    click.echo(f"eplbd: error: {message}", err=True)
+    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,7 +69,7 @@ def main() -> None:
 @click.option("--layers-per-step", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Layers redeployed per forward step.")
 @click.option("--endpoint", envvar="EPLBCTL_ENDPOINT", help="Control endpoint (default: per-user ipc socket).")
-@click.option("--key-file", type=click.Path(exists=True, dir_okay=False), help="HMAC key (required for tcp://).")
+@click.option("--key-file", help="HMAC key file (required for tcp://).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--steps", type=click.IntRange(1), help="Stop after this many steps (default: run until shutdown).")
 @click.option("--policy", default="default", show_default=True, help="Placement policy.")
@@ -56,36 +91,89 @@ def sim(**opts: object) -> None:
     layers = str(opts.pop("layers"))
     if layers != "all" and not layers.isdigit():
         raise click.BadParameter("must be a positive integer or 'all'", param_hint="--layers")
-    for spec in opts["faults"]:
-        try:
-            parse_fault(spec)
-        except FaultSpecError as exc:
-            raise click.BadParameter(str(exc), param_hint="--fault") from None
     opts["faults"] = list(opts["faults"])
     cfg = SimConfig(layers=None if layers == "all" else int(layers), **opts)  # type: ignore[arg-type]
+    if cfg.key_file is not None:
+        try:
+            read_key(cfg.key_file)
+        except ValueError as exc:
+            fail(str(exc), EX_USAGE)
     try:
-        check_config(cfg)
+        num_layers = check_config(cfg)
     except ValueError as exc:
-        click.echo(f"eplbd: error: {exc}", err=True)
-        sys.exit(65)
-    try:   # before any rank starts: a second daemon on a live socket is one line, not tracebacks
-        check_endpoint(cfg.endpoint)
-    except ServerError as exc:
-        click.echo(f"eplbd: error: {exc}", err=True)
-        sys.exit(75)
-    sys.exit(launch(cfg))
+        fail(str(exc), EX_DATAERR)
+    try:
+        check_faults(cfg.faults, cfg.ranks, num_layers)
+    except FaultSpecError as exc:
+        fail(str(exc), EX_USAGE)
+    with contextlib.ExitStack() as held:
+        try:   # before any rank starts: a second daemon on the socket is one line, not tracebacks
+            held.enter_context(claim_endpoint(cfg.endpoint))
+        except ServerError as exc:
+            fail(str(exc), EX_TEMPFAIL)
+        except OSError as exc:
+            fail(f"cannot claim the control endpoint: {exc}", EX_CANTCREAT)
+        code = launch(cfg)
+    sys.exit(code)
 
 
-def check_endpoint(endpoint: str | None) -> None:
-    """ServerError when a live daemon already serves the ipc endpoint (a stale socket is removed)."""
+def read_key(path: str) -> bytes:
+    """The HMAC key in `path`; ValueError (one line) when it cannot be read or is empty."""
+    try:
+        with open(path, "rb") as f:
+            key = f.read().strip()
+    except OSError as exc:
+        raise ValueError(f"--key-file {path}: {exc.strerror or exc}") from None
+    if not key:
+        raise ValueError(f"--key-file {path} is empty: it must hold the shared HMAC key")
+    return key
+
+
+@contextlib.contextmanager
+def claim_endpoint(endpoint: str | None) -> Iterator[None]:
+    """Hold an ipc endpoint for the daemon's life: ServerError when a daemon serves it or is still
+    starting on it (its socket is not bound yet then, so only a lock beside it can tell).
+
+    A stale socket left by a dead daemon is removed. tcp endpoints have no file to lock: a port that
+    is taken fails rank 0's bind, which the launcher reports on one line."""
     resolved = resolve_endpoint(endpoint)
     path = ensure_endpoint_dir(resolved)
-    if path is not None:
+    if path is None:
+        yield
+        return
+    lock_path = path + ".lock"
+    fd = _lock(lock_path, resolved)
+    try:
         take_over_socket(path, resolved)
+        yield
+    finally:
+        # Unlinked while still held, so a waiter that opened it sees a dead inode and retries (_lock).
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        os.close(fd)
 
 
-def check_config(cfg: SimConfig) -> None:
-    """Every mistake that would otherwise surface as a crash inside the ranks, said up front."""
+def _lock(lock_path: str, endpoint: str) -> int:
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ServerError(f"an eplbd daemon is already serving at {endpoint} or starting on it "
+                              "(stop it or use another --endpoint)") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)   # the previous holder removed this file as we opened it: lock the new one
+
+
+def check_config(cfg: SimConfig) -> int:
+    """Every mistake that would otherwise surface as a crash inside the ranks, said up front.
+    -> the number of MoE layers the deployment will have."""
     from eplbd.sim import load_trace
 
     from eplbctl.endpoint import resolve_endpoint
@@ -109,6 +197,7 @@ def check_config(cfg: SimConfig) -> None:
     endpoint = resolve_endpoint(cfg.endpoint)
     if endpoint.startswith("tcp://") and not cfg.key_file:
         raise ValueError(f"{endpoint}: a tcp:// control endpoint needs --key-file (an HMAC key)")
+    return int(heat.shape[-2])
 
 
 if __name__ == "__main__":

@@ -5,23 +5,29 @@ injected the way it is injected into an inference worker. Rank 0 also hosts the 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing as mp
 import os
 import queue
-import re
 import signal
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
+from eplbd.faults import cause_of, exit_text, is_cause, lost_peer, short_error
 
 log = logging.getLogger("eplbd.sim")
+
+HUNG_GRACE_S = 2.0     # a rank waiting on peers that exited hears of it (connection closed) well within this
+CAUSE_WAIT_S = HUNG_GRACE_S + 3.0   # how long rank 0 waits for the launcher to name why a collective failed
+RUNNING, GAVE_UP, FAILED = 0, 1, 2  # rank 0's state for the launcher: running, lost a peer, failed by itself
+EX_SOFTWARE = 70       # a rank's own error; exit code 1 means it gave up on a peer (a consequence)
 
 
 @dataclass
@@ -50,6 +56,23 @@ class SimConfig:
     staging_slots: int | None = None
     step_sleep: float = 0.0           # pause between steps (leave CPU to the host on small machines)
     faults: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Links:
+    """What the launcher and the ranks share."""
+    stop: Any       # Event, launcher -> ranks: shut down in order (Ctrl-C, SIGTERM)
+    ready: Any      # Event, rank 0 -> launcher: rank 0 serves, start-up is over
+    coord: Any      # shared int, rank 0 -> launcher: RUNNING, GAVE_UP or FAILED
+    deaths: Any     # Queue, launcher -> rank 0: ranks that ended or hung, named once
+    reports: Any    # Queue, ranks -> launcher: StartFailure
+
+
+class StartFailure(NamedTuple):
+    rank: int
+    text: str
+    code: int
+    cause: bool     # False: the rank only lost a peer that failed first
 
 
 def load_trace(cfg: SimConfig) -> tuple[np.ndarray, list[int], str]:
@@ -81,17 +104,25 @@ def _bind_to_launcher(rank: int) -> None:
         pass
 
 
-def short_error(exc: BaseException) -> str:
-    """One readable line from a collective's error (gloo prefixes a source path and adds a pep talk)."""
-    text = (str(exc).splitlines() or [type(exc).__name__])[0]
-    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
-    return text.split(". This is typically")[0].strip() or type(exc).__name__
-
-
-def worker(rank: int, cfg: SimConfig, store_path: str, stop: Any, deaths: Any) -> None:
+def worker(rank: int, cfg: SimConfig, store_path: str, links: Links) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the launcher owns Ctrl-C and stops us in order
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})   # blocked by the launcher while starting us
     _bind_to_launcher(rank)
     _setup_logging(rank)
+    try:
+        agent, model, control, server, planner = _start(rank, cfg, store_path)
+    except Exception as exc:
+        _start_failed(rank, exc, links.reports)
+    code = _serve(agent, model, cfg, rank, control, server, links)
+    if planner is not None:
+        planner.close()
+    if server is not None:
+        server.stop()
+    sys.stdout.flush()
+    os._exit(code)   # skip destroy_process_group: it can block on a peer that is already gone
+
+
+def _start(rank: int, cfg: SimConfig, store_path: str) -> tuple[Any, Any, Any, Any, Any]:
     import torch
     import torch.distributed as dist
     from eplbd.agent import Agent, AgentConfig, initial_maps
@@ -124,13 +155,23 @@ def worker(rank: int, cfg: SimConfig, store_path: str, stop: Any, deaths: Any) -
     agent = Agent(model, placement, rank, cfg.ranks, ctrl, xfer, agent_cfg, control, faults)
     if control is not None:
         control.memory["staging_bytes"] = agent.engine.staging_bytes
-    code = _serve(agent, model, cfg, rank, control, server, stop, deaths)
-    if planner is not None:
-        planner.close()
-    if server is not None:
-        server.stop()
-    sys.stdout.flush()
-    os._exit(code)   # skip destroy_process_group: it can block on a peer that is already gone
+    return agent, model, control, server, planner
+
+
+def _start_failed(rank: int, exc: Exception, reports: Any) -> NoReturn:
+    """Tell the launcher why this rank could not start and exit without a traceback: it says it once."""
+    from eplbd.server import ServerError
+
+    if os.environ.get("EPLBD_DEBUG"):
+        log.exception("rank %d could not start", rank)
+    if isinstance(exc, ServerError):   # the endpoint is taken or refused: retry later or elsewhere
+        failure = StartFailure(rank, str(exc), 75, True)
+    else:
+        failure = StartFailure(rank, f"rank {rank} could not start: {short_error(exc)}", 1, not lost_peer(exc))
+    reports.put(failure)
+    reports.close()
+    reports.join_thread()   # in the pipe before this process is gone
+    os._exit(failure.code)
 
 
 def _coordinator(cfg: SimConfig, shape: Any, store: Any, layer_ids: list[int], faults: Any,
@@ -151,16 +192,19 @@ def _coordinator(cfg: SimConfig, shape: Any, store: Any, layer_ids: list[int], f
                       shape.num_ranks * shape.tokens, agent_cfg.layers_per_step, shape.expert_bytes,
                       memory, planner, cfg.policy, cfg.threshold, faults, layer_ids, cfg.staging_slots,
                       cfg.min_gain)
-    key = open(cfg.key_file, "rb").read().strip() if cfg.key_file else None
+    key = open(cfg.key_file, "rb").read().strip() if cfg.key_file else None   # checked by eplbd.main
     info = {"daemon": "eplbd sim", "ranks": shape.num_ranks, "layers": shape.num_layers,
             "experts": shape.num_experts, "slots_per_device": shape.slots, "model_layers": layer_ids}
     server = ControlServer(resolve_endpoint(cfg.endpoint), control.handlers(), key=key, info=info)
-    server.start()
+    try:
+        server.start()
+    except BaseException:
+        planner.close()
+        raise
     return control, server, planner
 
 
-def _serve(agent: Any, model: Any, cfg: SimConfig, rank: int, control: Any, server: Any, stop: Any,
-           deaths: Any) -> int:
+def _serve(agent: Any, model: Any, cfg: SimConfig, rank: int, control: Any, server: Any, links: Links) -> int:
     announced = False
     try:
         for step in agent.steps():
@@ -168,8 +212,9 @@ def _serve(agent: Any, model: Any, cfg: SimConfig, rank: int, control: Any, serv
             if control is not None:
                 if not announced and control._snapshot is not None:
                     print(f"eplbd: serving on {server.bound_endpoint}", flush=True)
+                    links.ready.set()
                     announced = True
-                if stop.is_set() and not control.shutdown.is_set():
+                if links.stop.is_set() and not control.shutdown.is_set():
                     control.request_shutdown({})
             if cfg.steps is not None and step + 1 >= cfg.steps:
                 break
@@ -177,109 +222,197 @@ def _serve(agent: Any, model: Any, cfg: SimConfig, rank: int, control: Any, serv
                 time.sleep(cfg.step_sleep)
         return 0
     except Exception as exc:  # a dead or hung peer, or a broken collective: report, never hang
+        peer = lost_peer(exc)
         message = f"rank {rank} stopped at step {agent.step}: {short_error(exc)}"
         log.error("%s", message)
         if control is None:
-            return 1
-        notices = _read_deaths(deaths, [], wait_s=3.0)
+            return 1 if peer else EX_SOFTWARE
+        links.coord.value = GAVE_UP if peer else FAILED
+        # Rank 0 only knows a collective failed; the launcher knows which rank died or hung: wait for it,
+        # so the job's error names the cause rather than the ranks that gave up after it.
+        notices = _read_deaths(links.deaths, [], wait_s=CAUSE_WAIT_S if peer else 0.0)
         stopped = f"the deployment stopped at step {agent.step} (rank 0: {short_error(exc)})"
         if notices:
-            message = f"{_cause(notices)}; {stopped}"
+            message = f"{cause_of(notices)}; {stopped}"
         control.set_fault(message)
         if not announced:
             print(f"eplbd: serving on {server.bound_endpoint} (failed: {message})", flush=True)
+            links.ready.set()
         if cfg.steps is not None:   # a bounded run ends here; a served one waits for the operator
             return 1
-        # keep answering status (with the fault) until told to stop; a hung rank is named once the
-        # launcher gives up on it, which is after the others have already reported
-        while not control.shutdown.is_set() and not stop.is_set():
+        # keep answering status (with the fault) until told to stop; a cause named later (several hung
+        # ranks are only named after the launcher's long wait) still replaces the account
+        while not control.shutdown.is_set() and not links.stop.is_set():
             before = len(notices)
-            _read_deaths(deaths, notices, wait_s=0.1)
-            if len(notices) > before:
-                control.update_fault(f"{_cause(notices)}; {stopped}")
+            _read_deaths(links.deaths, notices, wait_s=0.1)
+            if peer and len(notices) > before:
+                control.update_fault(f"{cause_of(notices)}; {stopped}")
         return 1
 
 
 def _read_deaths(deaths: Any, notices: list[str], wait_s: float) -> list[str]:
     """Append what the launcher reported about exited ranks within `wait_s` (stop early on a cause)."""
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
+    while True:
         try:
             notices.append(deaths.get(timeout=max(0.01, deadline - time.monotonic())))
         except queue.Empty:
             break
-        if any(_is_cause(n) for n in notices):
+        if any(is_cause(n) for n in notices) or time.monotonic() >= deadline:
             break
     return notices
 
 
-def _is_cause(notice: str) -> bool:
-    # A rank that lost a peer exits with code 1 after it, so a signal, another code or a hang is the cause.
-    return not notice.endswith("exited with code 1")
+def _drain(q: Any) -> list[Any]:
+    items = []
+    with contextlib.suppress(queue.Empty):
+        while True:
+            items.append(q.get_nowait())
+    return items
 
 
-def _cause(notices: list[str]) -> str:
-    return "; ".join([n for n in notices if _is_cause(n)] or notices)
+class _Watch:
+    """The launcher's eye on the ranks: a failed start said once on one line, ranks that ended or
+    hung named to rank 0 as soon as that is clear."""
 
+    def __init__(self, cfg: SimConfig, procs: list[Any], links: Links) -> None:
+        self.cfg, self.procs, self.links = cfg, procs, links
+        self.reported: set[int] = set()
+        self.notices: list[str] = []
+        self.first_failure: float | None = None   # when a rank first failed or gave up
+        self.lone_since: float | None = None      # since when one rank alone has neither failed nor given up
+        self.rank0_hung = False
 
-def _exit_text(rank: int, code: int) -> str:
-    if code < 0:
-        try:
-            return f"rank {rank} died (killed by {signal.Signals(-code).name})"
-        except ValueError:
-            return f"rank {rank} died (signal {-code})"
-    return f"rank {rank} exited with code {code}"
+    def start_up(self, signals: list[int]) -> int | None:
+        """None once rank 0 serves (or a bounded run ended early); else the launcher's exit code."""
+        while not self.links.ready.is_set():
+            if signals:   # nothing to save yet: the caller kills the ranks
+                print("eplbd: interrupted while starting", file=sys.stderr, flush=True)
+                return 128 + signals[0]
+            if any(p.exitcode not in (None, 0) for p in self.procs):
+                return self._start_failure()
+            if self.procs[0].exitcode == 0:
+                return None
+            time.sleep(0.05)
+        return None
 
+    def _start_failure(self) -> int:
+        # The rank that failed first reports before it exits; the others then fail on the lost peer.
+        failures: list[StartFailure] = []
+        deadline = time.monotonic() + 2.0
+        while not any(f.cause for f in failures) and time.monotonic() < deadline \
+                and any(p.exitcode is None for p in self.procs) and all((p.exitcode or 0) >= 0 for p in self.procs):
+            time.sleep(0.05)
+            failures += _drain(self.links.reports)
+        failures += _drain(self.links.reports)
+        told = {f.rank for f in failures}
+        died = [StartFailure(r, f"{exit_text(r, p.exitcode)} while starting", 1, True)
+                for r, p in enumerate(self.procs) if p.exitcode not in (None, 0) and r not in told]
+        first = ([f for f in failures if f.cause] + died + failures)[0]
+        print(f"eplbd: error: {first.text}", file=sys.stderr, flush=True)
+        return first.code
 
-def launch(cfg: SimConfig) -> int:
-    """Run the deployment in the foreground until shutdown; return rank 0's exit code."""
-    ctx = mp.get_context("spawn")
-    stop = ctx.Event()
-    deaths = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="eplbd-") as tmp:
-        store_path = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=worker, args=(r, cfg, store_path, stop, deaths), name=f"eplbd-rank{r}")
-                 for r in range(cfg.ranks)]
-        for p in procs:
-            p.start()
-
-        def on_signal(signum: int, frame: Any) -> None:
-            stop.set()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+    def run(self) -> int | None:
+        """Until rank 0 ends (or ignores a stop): None, or the exit code when rank 0 itself hung."""
         deadline = None
-        first_failure = None
-        reported: set[int] = set()
-        while procs[0].is_alive():
-            for rank, p in enumerate(procs[1:], start=1):
-                code = p.exitcode             # polling also reaps it: no zombies
-                if code not in (None, 0) and rank not in reported and not stop.is_set():
-                    reported.add(rank)
-                    first_failure = first_failure or time.monotonic()
-                    text = _exit_text(rank, code)
-                    log.error("%s", text)
-                    deaths.put(text)
-            # Ranks still alive well after their peers gave up on a collective are hung: name and stop them.
-            if first_failure is not None and time.monotonic() > first_failure + cfg.comm_timeout + 5:
-                for rank, p in enumerate(procs[1:], start=1):
-                    if p.is_alive() and rank not in reported:
-                        reported.add(rank)
-                        p.kill()
-                        text = f"rank {rank} stopped answering (hung); the launcher killed it"
-                        log.error("%s", text)
-                        deaths.put(text)
-            if stop.is_set() and deadline is None:
+        while self.procs[0].is_alive():
+            self._note_exits()
+            self._note_hung()
+            if self.links.stop.is_set() and deadline is None:
                 deadline = time.monotonic() + 15
             if deadline is not None and time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        grace = time.monotonic() + 10
-        for p in procs:
-            p.join(timeout=max(0.0, grace - time.monotonic()))
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        code = procs[0].exitcode
-        return 1 if code is None else (code if code >= 0 else 128 - code)
+        return 1 if self.rank0_hung else None
+
+    def _note_exits(self) -> None:
+        for rank, p in enumerate(self.procs[1:], start=1):
+            code = p.exitcode             # polling also reaps it: no zombies
+            if code not in (None, 0) and rank not in self.reported and not self.links.stop.is_set():
+                self._tell(rank, exit_text(rank, code))
+        if self.links.coord.value != RUNNING and self.first_failure is None:
+            self.first_failure = time.monotonic()
+
+    def _tell(self, rank: int, text: str) -> None:
+        self.reported.add(rank)
+        self.first_failure = self.first_failure or time.monotonic()
+        self.notices.append(text)
+        log.error("%s", text)
+        self.links.deaths.put(text)
+
+    def _note_hung(self) -> None:
+        """A rank that stopped answering is named once every other rank has given up on a peer (exited
+        with code 1, or rank 0 said so) and it alone has not: one merely waiting on ranks that left
+        would have failed within HUNG_GRACE_S. Otherwise (several hung, or a cause already known and
+        some rank still waiting) ranks still alive well after their peers' time limit are hung."""
+        if self.first_failure is None or self.links.stop.is_set():
+            return
+        now = time.monotonic()
+        coord = self.links.coord.value
+        waiting = [r for r, p in enumerate(self.procs)
+                   if p.is_alive() and r not in self.reported and not (r == 0 and coord != RUNNING)]
+        lone = len(waiting) == 1 and coord != FAILED and not any(is_cause(n) for n in self.notices)
+        self.lone_since = (self.lone_since or now) if lone else None
+        if (lone and now - self.lone_since > HUNG_GRACE_S) or now > self.first_failure + self.cfg.comm_timeout + 5:
+            for rank in waiting:
+                self.procs[rank].kill()
+                text = f"rank {rank} stopped answering (hung); the launcher killed it"
+                if rank == 0:   # nobody is left to serve status: say it here and end
+                    self.reported.add(0)
+                    self.rank0_hung = True
+                    print(f"eplbd: error: {text}", file=sys.stderr, flush=True)
+                else:
+                    self._tell(rank, text)
+
+
+def _reap(procs: list[Any], grace_s: float) -> None:
+    grace = time.monotonic() + grace_s
+    for p in procs:
+        p.join(timeout=max(0.0, grace - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def launch(cfg: SimConfig) -> int:
+    """Run the deployment in the foreground until shutdown; return the daemon's exit code."""
+    signals: list[int] = []
+    links: Links | None = None
+
+    def on_signal(signum: int, frame: Any) -> None:
+        signals.append(signum)
+        if links is not None:
+            links.stop.set()
+
+    # Before the shared objects exist: exiting while they are made would leave the semaphores behind.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    ctx = mp.get_context("spawn")
+    links = Links(ctx.Event(), ctx.Event(), ctx.Value("i", RUNNING, lock=False), ctx.Queue(), ctx.Queue())
+    if signals:
+        links.stop.set()
+    with tempfile.TemporaryDirectory(prefix="eplbd-") as tmp:
+        store_path = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=worker, args=(r, cfg, store_path, links), name=f"eplbd-rank{r}")
+                 for r in range(cfg.ranks)]
+        # A child keeps the signal mask across exec: with SIGINT blocked, a Ctrl-C while a rank is still
+        # importing cannot kill it with a traceback (it ignores SIGINT first thing, then unblocks it).
+        # A Ctrl-C meanwhile stays pending here and is handled once the ranks are started.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        watch = _Watch(cfg, procs, links)
+        code = None
+        try:
+            code = watch.start_up(signals)   # a failed or interrupted start has nothing to save
+            code = code if code is not None else watch.run()
+        finally:
+            _reap(procs, grace_s=0.0 if code is not None else 10.0)
+        if code is None:
+            code = procs[0].exitcode
+            code = 1 if code is None else (code if code >= 0 else 128 - code)
+        return code
