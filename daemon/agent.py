@@ -198,7 +198,8 @@ class Agent:
         rows = torch.full((self.config.layers_per_step, STAT_FIELDS), -1, dtype=torch.int64)
         for i, s in enumerate(staged):
             err = 0 if s.error is None else ERR_CODES.get(s.error_kind or "transfer", ERR_CODES["transfer"])
-            rows[i] = torch.tensor([s.layer, s.bytes_recv, s.bytes_sent, int(s.transfer_s * 1e9),
+            transfer_ns = int(s.transfer_s * 1e9) * (1 if s.transfer_exact else -1)  # < 0: an upper bound
+            rows[i] = torch.tensor([s.layer, s.bytes_recv, s.bytes_sent, transfer_ns,
                                     int(s.commit_s * 1e9), int(s.plan_s * 1e9), int(s.error is None), err,
                                     int(s.verify_s * 1e9)])
         base = statistics.median(self.step_times) if self.step_times else 0.0

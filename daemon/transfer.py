@@ -114,6 +114,8 @@ class StagedLayer:
     plan_s: float = 0.0
     started: float = 0.0
     transfer_s: float = 0.0                 # launch -> every byte arrived
+    transfer_exact: bool = True             # False: the backend gave no completion time (gloo P2P), so
+                                            # transfer_s runs to our wait after the forward: an upper bound
     verify_s: float = 0.0
     commit_s: float = 0.0
     error: str | None = None
@@ -304,6 +306,7 @@ class TransferEngine:
             # launch -> last byte, not -> when we looked: the wait comes only after a forward step
             finished = max(staged._done) if staged._done else time.perf_counter()
             staged.transfer_s = finished - staged.started
+            staged.transfer_exact = bool(staged._done) or not (staged.bytes_recv or staged.bytes_sent)
             if self.corrupt_next and staged.incoming:
                 self.buf.views[0][0].view(-1)[0] += 1
                 self.corrupt_next = False

@@ -37,6 +37,7 @@ class FakeDaemon:
         self.polls = 0
         self.job_layers: list[int] = []
         self.previewed: list[int] = []
+        self.transfer_upper_bound = False  # True: a gloo deployment (P2P ops give no completion time)
         self.stopped = threading.Event()
 
     def handlers(self) -> dict[str, Any]:
@@ -107,6 +108,7 @@ class FakeDaemon:
                   "phases": {"gather_s": 0.001, "policy_s": 0.02, "plan_s": 0.003, "commit_s": 0.0005,
                              "stall_s": 0.0, "total_s": 0.05},
                   "per_layer": [{"layer": 2, "bytes": 3145728, "transfer_s": 0.004, "gbps": 0.786,
+                                 "transfer_upper_bound": self.transfer_upper_bound,
                                  "stall_s": 0.0, "commit_s": 0.0002}]}
         return {"records": [record][: content.get("last", 10)],
                 "memory": {"staging_bytes": 1048576, "expert_bytes_per_rank": 83886080,

@@ -248,6 +248,12 @@ def test_profile_table(endpoint: str, daemon: FakeDaemon) -> None:
                          "staging buffers 1.00 MiB")
 
 
+def test_profile_marks_a_transfer_time_that_is_only_an_upper_bound(endpoint: str, daemon: FakeDaemon) -> None:
+    daemon.transfer_upper_bound = True
+    lines = run(endpoint, "profile").stdout.splitlines()
+    assert lines[5].split() == ["1", "2", "3.00", "MiB", "<=4.00", ">=0.786", "0.00", "0.20"]
+
+
 def test_profile_json(endpoint: str) -> None:
     result = run(endpoint, "profile", "--json")
     body = json.loads(result.stdout)

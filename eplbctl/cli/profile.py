@@ -47,9 +47,11 @@ def per_layer_table(records: list[dict[str, Any]]) -> Table:
     for rec in records:
         for row in rec.get("per_layer") or []:
             gbps = row.get("gbps")
+            # an upper bound on the time (so a lower bound on GB/s) where the backend gives no completion time
+            at_most, at_least = ("<=", ">=") if row.get("transfer_upper_bound") else ("", "")
             table.add_row(str(rec["job_id"]), str(field(row, "layer")), fmt_bytes(row.get("bytes")),
-                          _seconds(row.get("transfer_s")),
-                          f"{gbps:.3f}" if isinstance(gbps, int | float) else "-",
+                          at_most + _seconds(row.get("transfer_s")),
+                          f"{at_least}{gbps:.3f}" if isinstance(gbps, int | float) else "-",
                           _seconds(row.get("stall_s")), _seconds(row.get("commit_s")))
     return table
 
