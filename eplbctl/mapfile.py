@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -210,16 +211,26 @@ def _write_text(path: Path, text: str, where: str) -> None:
     if not where:
         raise MapFileError("no output path given")
     try:
-        target = path.resolve() if path.is_symlink() else path
+        try:
+            target = path.resolve(strict=False) if path.is_symlink() else path
+        except RuntimeError:  # Python < 3.13 says a symlink loop this way
+            raise MapFileError(f"{where}: cannot write (symbolic link loop)") from None
         if target.exists() and not target.is_file():
             if target.is_dir():
                 raise MapFileError(f"{where}: is a directory")
             with open(target, "w", encoding="utf-8") as out:
                 out.write(text)
             return
+        mode = None
+        if target.exists():
+            if not os.access(target, os.W_OK):  # as a shell's `>` would: a read-only map stays as it is
+                raise MapFileError(f"{where}: cannot write (Permission denied)")
+            mode = stat.S_IMODE(target.stat().st_mode)
         tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
         try:
             tmp.write_text(text, encoding="utf-8")
+            if mode is not None:  # a private map stays private
+                os.chmod(tmp, mode)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)

@@ -209,3 +209,25 @@ def test_an_id_too_large_for_int64_is_bad_data_not_an_overflow(tmp_path: Path, f
         doc["physical_to_logical_map"][0][0] = 10**30
     with pytest.raises(MapFileError, match="out of range"):
         read_map(write(tmp_path, doc), num_devices=3)
+
+
+def test_replacing_a_map_keeps_its_mode(tmp_path: Path) -> None:
+    import os
+
+    path = tmp_path / "private.json"
+    path.write_text("old")
+    path.chmod(0o600)
+    write_map(path, placement())
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert np.array_equal(read_map(path, num_devices=3), placement())
+    if os.geteuid() != 0:  # root may write a read-only file, as a shell's `>` would
+        path.chmod(0o444)
+        with pytest.raises(MapFileError, match="Permission denied"):
+            write_map(path, placement())
+
+
+def test_a_symlink_loop_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(MapFileError, match="cannot write"):
+        write_map(tmp_path / "a", placement())
