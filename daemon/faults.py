@@ -45,6 +45,8 @@ def parse_fault(spec: str) -> Fault:
         key, sep, value = pair.partition("=")
         if not sep or key not in ("rank", "layer", "times") or not value.lstrip("-").isdigit():
             raise FaultSpecError(f"bad fault field {pair!r} in {spec!r} (rank=R, layer=L, times=K)")
+        if key in values:  # which one was meant? refuse rather than guess
+            raise FaultSpecError(f"{key} given twice in {spec!r}")
         values[key] = int(value)
     fault = Fault(kind, values.get("rank"), values.get("layer"), values.get("times", 1))
     if kind in ("corrupt", "kill", "hang") and (fault.rank is None or fault.layer is None):

@@ -94,7 +94,8 @@ def test_fault_naming_a_rank_or_layer_the_deployment_lacks_is_one_usage_line():
              (["--ranks", "2", "--fault", "hang:rank=1:layer=4"], None, "layer 4 is not in 0-3"),
              (["--ranks", "2"], {"EPLBD_FAULT": "corrupt:rank=-1:layer=0"}, "EPLBD_FAULT"),
              (["--ranks", "2", "--fault", "policy-raise:rank=1"], None, "takes only times"),
-             (["--ranks", "2", "--fault", "hang:rank=1"], None, "needs rank=R and layer=L")]
+             (["--ranks", "2", "--fault", "hang:rank=1"], None, "needs rank=R and layer=L"),
+             (["--ranks", "2", "--fault", "kill:rank=1:layer=0:layer=2"], None, "layer given twice")]
     for args, env, said in cases:
         code, out, err = finish(*args, *BASE, env=env)
         assert code == 2 and said in one_error_line(err) and out == "", (args, err)
