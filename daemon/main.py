@@ -147,6 +147,9 @@ def claim_endpoint(endpoint: str | None) -> Iterator[None]:
         take_over_socket(path, resolved)
         yield
     finally:
+        # Under the lock the socket can only be ours: a rank killed before its orderly stop leaves it.
+        with contextlib.suppress(OSError):
+            os.unlink(path)
         # Unlinked while still held, so a waiter that opened it sees a dead inode and retries (_lock).
         with contextlib.suppress(OSError):
             os.unlink(lock_path)

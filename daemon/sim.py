@@ -369,10 +369,11 @@ def _reap(procs: list[Any], grace_s: float) -> None:
     grace = time.monotonic() + grace_s
     for p in procs:
         p.join(timeout=max(0.0, grace - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
+    late = [p for p in procs if p.is_alive()]
+    for p in late:   # all at once: killed one by one, the survivors would log the lost peer
+        p.kill()
+    for p in late:
+        p.join()
 
 
 def launch(cfg: SimConfig) -> int:

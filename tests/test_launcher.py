@@ -27,6 +27,8 @@ EPLBD = [sys.executable, "-m", "eplbd.main", "sim"]
 def eplbd(*args: str, env: dict | None = None) -> Iterator[tuple[subprocess.Popen, Path]]:
     """`eplbd sim ARGS` in its own session, output in files; its whole group is killed at the end."""
     tmp = Path(tempfile.mkdtemp(prefix="eplbt-"))
+    if "--endpoint" not in args:  # never the operator's default socket
+        args = (*args, "--endpoint", f"ipc://{tmp}/c.sock")
     with open(tmp / "out", "w") as out, open(tmp / "err", "w") as err:
         proc = subprocess.Popen([*EPLBD, *args], stdout=out, stderr=err, text=True, start_new_session=True,
                                 env={**os.environ, **(env or {})})
@@ -150,6 +152,26 @@ def test_ctrl_c_while_starting_exits_130_quietly_and_leaves_no_rank(delay):
             assert code == 130, err
         assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
         assert no_process_left(proc.pid)
+
+
+def test_ctrl_c_after_the_server_listens_but_before_serving_is_quiet_and_leaves_no_socket():
+    with eplbd("--ranks", "4", *BASE) as (proc, tmp):
+        deadline = time.monotonic() + 120
+        while "listening" not in (tmp / "err").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "err").read_text()
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+        err = (tmp / "err").read_text()
+        after = [line for line in err.split("listening", 1)[1].splitlines()[1:]
+                 if " INFO " not in line]                            # what the interrupt printed
+        if "serving on" in (tmp / "out").read_text():
+            assert code == 0
+        else:
+            assert code == 130 and len(after) <= 1, err
+        assert "Traceback" not in err
+        assert no_process_left(proc.pid)
+        assert not (tmp / "c.sock").exists() and not (tmp / "c.sock.lock").exists()
 
 
 def test_hung_rank_is_named_as_the_cause_of_the_failed_job_as_soon_as_the_others_give_up():
