@@ -81,6 +81,7 @@ class Control:
         self._predicted: tuple[int, str, np.ndarray] | None = None
         self.plans = PlanStore()
         self.fault: str | None = None
+        self._fault_job: dict | None = None   # the job a fault failed: its error follows update_fault
         self.events: collections.deque[str] = collections.deque(maxlen=20)
         self.shutdown = threading.Event()
         self.step = 0
@@ -179,11 +180,16 @@ class Control:
             if self._active is not None:
                 job = self._jobs[self._active]
                 self._finish(job, "failed", self.step, message)
+                self._fault_job = job
 
     def update_fault(self, message: str) -> None:
         """A better account of a fault already set (the launcher named the rank that caused it)."""
         with self._lock:
             if self.fault != message:
+                # the job the fault failed tells the same, better account (it may come after rank 0's wait)
+                job = self._fault_job
+                if job is not None and job.get("error") == self.fault:
+                    job["error"] = message
                 self.fault = message
                 self.events.append(message)
 
