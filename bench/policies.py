@@ -24,13 +24,14 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 import numpy as np
 
-from eplbctl.heat import load_heat, routes_to_episodes
+from eplbctl.heat import load_heat
 from eplbctl.metrics import device_loads, predicted_imbalance, summarize
 from eplbctl.placement import contiguous_placement, count_moves
 from eplbctl.planning import make_plan
 from eplbctl.policies import Topology, get_policy
 from eplbctl.policies.bounds import no_redundancy_bound
 from eplbctl.policies.locality import crossing_share, strict_bound
+from eplbctl.routes import routes_to_episodes
 
 POLICIES = ("default", "swift", "flashlb", "random")
 

@@ -148,7 +148,7 @@ class Agent:
             except Exception as exc:
                 staged = StagedLayer(layer, [], [])
                 staged.error = str(exc)
-                staged.error_kind = "capacity" if "staging slots" in staged.error else "transfer"
+                staged.error_kind = getattr(exc, "kind", "transfer")
                 self.inflight.append(staged)
                 continue
             self.engine.launch(staged)

@@ -52,14 +52,17 @@ def str_field(content: dict, key: str) -> str | None:
 
 
 def threshold_value(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value < 1.0:
-        raise RequestError(422, f"threshold must be a number >= 1.0 (imbalance is max/mean), got {value!r}")
-    return float(value)
+    return _number_at_least(value, 1.0, "threshold must be a number >= 1.0 (imbalance is max/mean)")
 
 
 def min_gain_value(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value < 0:
-        raise RequestError(422, f"min_gain must be a number >= 0 (imbalance improvement), got {value!r}")
+    return _number_at_least(value, 0.0, "min_gain must be a number >= 0 (imbalance improvement)")
+
+
+def _number_at_least(value: Any, low: float, rule: str) -> float:
+    """A finite JSON number >= low (true/false are not numbers here), else 422 stating `rule`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value < low:
+        raise RequestError(422, f"{rule}, got {value!r}")
     return float(value)
 
 

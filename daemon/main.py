@@ -38,6 +38,7 @@ from eplbd.server import ServerError, take_over_socket  # noqa: E402
 from eplbd.sim import SimConfig  # noqa: E402
 
 from eplbctl.endpoint import ensure_endpoint_dir, resolve_endpoint  # noqa: E402
+from eplbctl.protocol import read_key  # noqa: E402
 
 EX_USAGE, EX_DATAERR, EX_CANTCREAT, EX_TEMPFAIL = 2, 65, 73, 75
 
@@ -86,7 +87,7 @@ def main() -> None:
 @click.option("--fault", "faults", multiple=True, help="Inject a fault (see eplbd.faults), repeatable.")
 def sim(**opts: object) -> None:
     """Run the simulated deployment: N gloo ranks, real weights, real MoE forward, real transfers."""
-    from eplbd.sim import launch
+    from eplbd.launcher import launch
 
     layers = str(opts.pop("layers"))
     if layers != "all" and not layers.isdigit():
@@ -97,7 +98,7 @@ def sim(**opts: object) -> None:
         try:
             read_key(cfg.key_file)
         except ValueError as exc:
-            fail(str(exc), EX_USAGE)
+            fail(f"--key-file: {exc}", EX_USAGE)
     try:
         num_layers = check_config(cfg)
     except ValueError as exc:
@@ -115,18 +116,6 @@ def sim(**opts: object) -> None:
             fail(f"cannot claim the control endpoint: {exc}", EX_CANTCREAT)
         code = launch(cfg)
     sys.exit(code)
-
-
-def read_key(path: str) -> bytes:
-    """The HMAC key in `path`; ValueError (one line) when it cannot be read or is empty."""
-    try:
-        with open(path, "rb") as f:
-            key = f.read().strip()
-    except OSError as exc:
-        raise ValueError(f"--key-file {path}: {exc.strerror or exc}") from None
-    if not key:
-        raise ValueError(f"--key-file {path} is empty: it must hold the shared HMAC key")
-    return key
 
 
 @contextlib.contextmanager
@@ -179,7 +168,6 @@ def check_config(cfg: SimConfig) -> int:
     -> the number of MoE layers the deployment will have."""
     from eplbd.sim import load_trace
 
-    from eplbctl.endpoint import resolve_endpoint
     from eplbctl.placement import slots_per_device
 
     heat, _, _ = load_trace(cfg)

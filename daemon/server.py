@@ -127,7 +127,7 @@ class ControlServer:
             raise ServerError(msg)
         path = ensure_endpoint_dir(self.endpoint)
         if path is not None:
-            self._remove_stale_socket(path)
+            take_over_socket(path, self.endpoint)
         self._ctx = zmq.Context()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -191,9 +191,6 @@ class ControlServer:
         if self._ctx is not None and term:
             self._ctx.term()
         self._ctx = None
-
-    def _remove_stale_socket(self, path: str) -> None:
-        take_over_socket(path, self.endpoint)
 
     def _remove_own_socket_file(self) -> None:
         path = ipc_path(self.endpoint)

@@ -37,6 +37,12 @@ class TransferError(RuntimeError):
     kind = "transfer"
 
 
+class CapacityError(TransferError):
+    """A layer needs more staging rows on this rank than its buffer has; refused before anything moves."""
+
+    kind = "capacity"
+
+
 class VerifyError(TransferError):
     """What arrived does not hash to the expert it should be (corrupted in flight, or a wrong slot)."""
 
@@ -113,9 +119,7 @@ class StagedLayer:
     bytes_sent: int = 0
     plan_s: float = 0.0
     started: float = 0.0
-    transfer_s: float = 0.0                 # launch -> every byte arrived
-    transfer_exact: bool = True             # False: the backend gave no completion time (gloo P2P), so
-                                            # transfer_s runs to our wait after the forward: an upper bound
+    transfer_s: float = 0.0                 # launch -> every byte arrived (see transfer_exact)
     verify_s: float = 0.0
     commit_s: float = 0.0
     error: str | None = None
@@ -126,6 +130,12 @@ class StagedLayer:
     _sends: list = field(default_factory=list)     # this rank's send works of the chunk in flight
     _recvs: list = field(default_factory=list)     # every receive work posted so far
     _done: list = field(default_factory=list)      # completion times of the P2P works (when known)
+
+    @property
+    def transfer_exact(self) -> bool:
+        """False when P2P ran but the backend gave no completion time (gloo): transfer_s then runs to
+        our wait after the forward step, an upper bound."""
+        return bool(self._done) or not (self.bytes_recv or self.bytes_sent)
 
 
 # Tags: per-expert fallback messages use move index * 8 + part; packed runs live above them.
@@ -188,7 +198,7 @@ class TransferEngine:
         for m in moves:
             staged.n_in[m.dst_rank] += 1
         if len(incoming) > self.capacity:
-            raise TransferError(f"layer {layer} needs {len(incoming)} staging slots on rank {self.rank}, "
+            raise CapacityError(f"layer {layer} needs {len(incoming)} staging slots on rank {self.rank}, "
                                 f"capacity is {self.capacity}")
         staged._chunks = list(enumerate(self._chunks(moves, staged.n_in)))
         staged.batches = len(staged._chunks)
@@ -306,7 +316,6 @@ class TransferEngine:
             # launch -> last byte, not -> when we looked: the wait comes only after a forward step
             finished = max(staged._done) if staged._done else time.perf_counter()
             staged.transfer_s = finished - staged.started
-            staged.transfer_exact = bool(staged._done) or not (staged.bytes_recv or staged.bytes_sent)
             if self.corrupt_next and staged.incoming:
                 self.buf.views[0][0].view(-1)[0] += 1
                 self.corrupt_next = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import time
 import uuid
 from collections import OrderedDict
@@ -268,6 +269,19 @@ def unpack_map(data: bytes, what: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"{what} must be a msgpack map, got {type(obj).__name__}")
     return obj
+
+
+def read_key(path: str | os.PathLike[str]) -> bytes:
+    """The shared HMAC key in `path` (surrounding white space dropped); ValueError (one line) when the
+    file cannot be read or holds no key. One reader for eplbctl and eplbd, so both take the same files."""
+    try:
+        with open(path, "rb") as f:
+            key = f.read().strip()
+    except OSError as exc:
+        raise ValueError(f"key file {path}: {exc.strerror or exc}") from None
+    if not key:
+        raise ValueError(f"key file {path} is empty: it must hold the shared HMAC key")
+    return key
 
 
 def sign(key: bytes | None, frames: Iterable[bytes]) -> bytes:

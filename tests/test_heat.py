@@ -15,10 +15,10 @@ from eplbctl.heat import (
     HeatError,
     default_heat_path,
     load_heat,
-    routes_to_episodes,
     save_compact,
     validate_heat,
 )
+from eplbctl.routes import routes_to_episodes
 
 DEEPSEEK = ["decode_in1000out1000", "decode_in1800out100", "decode_in2000out100", "prefill_in1000out1000",
             "prefill_in1024", "prefill_in1800out100", "prefill_in2048", "prefill_in4096",

@@ -172,13 +172,12 @@ class CliContext:
     def key(self) -> bytes | None:
         if self.key_file is None:
             return None
+        from eplbctl.protocol import read_key
+
         try:
-            key = self.key_file.read_bytes().strip()
-        except OSError as exc:
-            raise CliError(f"cannot read key file {self.key_file}: {exc.strerror}", EXIT_USAGE) from exc
-        if not key:
-            raise CliError(f"key file {self.key_file} is empty", EXIT_USAGE)
-        return key
+            return read_key(self.key_file)
+        except ValueError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
 
     def client(self) -> Any:
         from eplbctl.client import Client

@@ -174,7 +174,7 @@ def place_relaxed(h: np.ndarray, num_devices: int, slots: int, nodes: int, group
     c = cnt.sum(axis=0)
     w = h / c  # [E] per-replica load, now fixed
     assign = np.empty((num_devices, slots), dtype=np.int64)
-    max_iter = args[2]
+    max_iter, tol = args[2], args[5]  # args: solve_layer's (rounds, width, max_iter, tree_slots, node_limit, tol)
     for k in range(nodes):
         ids = np.flatnonzero(cnt[k])
         sub, load, holds = pack(np.ascontiguousarray(w[ids] * cnt[k, ids]), cnt[k, ids], per_node, slots)
@@ -183,8 +183,7 @@ def place_relaxed(h: np.ndarray, num_devices: int, slots: int, nodes: int, group
     cross = crossing_load(assign, w, home, node_of)
     holds = holds_of(assign, num_experts)
     load = loads_of(assign, w)
-    _, cross = improve_deep_local(assign, load, holds, w, max_iter, args[5], home, node_of, share * total,
-                                  cross)
+    _, cross = improve_deep_local(assign, load, holds, w, max_iter, tol, home, node_of, share * total, cross)
     strict_c = np.bincount(strict.ravel(), minlength=num_experts)
     if load.max() >= loads_of(strict, h / strict_c).max():  # crossing did not pay: keep strict
         return strict, 0.0
