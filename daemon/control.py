@@ -270,8 +270,7 @@ class Control:
 
     def rebalance(self, content: dict) -> dict:
         snap = self._require_snapshot()
-        if self.fault:
-            raise RequestError(503, f"the deployment has failed: {self.fault}")
+        self._refuse_if_failed()
         dry_run = content.get("dry_run")
         if not isinstance(dry_run, bool):  # a request that forgot it must not start a real job
             raise RequestError(400, "dry_run is required: true to preview a plan, false to apply one")
@@ -380,9 +379,13 @@ class Control:
             records = list(self._records)[-last:]
         return {"records": records, "memory": dict(self.memory), "events": list(self.events)}
 
-    def _run_probe(self, timeout_s: float = 60.0) -> dict:
+    def _refuse_if_failed(self) -> None:
+        # 503 as the protocol says, flagged so that a client does not take a dead deployment for a busy one
         if self.fault:
-            raise RequestError(503, f"the deployment has failed: {self.fault}")
+            raise RequestError(503, f"the deployment has failed: {self.fault}", {"deployment_failed": True})
+
+    def _run_probe(self, timeout_s: float = 60.0) -> dict:
+        self._refuse_if_failed()
         request_id = next(self._request_ids)
         event = threading.Event()
         with self._lock:

@@ -8,8 +8,10 @@ import time
 
 import pytest
 import zmq
+from click.testing import CliRunner
 from simdaemon import running_sim, wait_job
 
+from eplbctl.cli import main
 from eplbctl.client import DaemonError
 from eplbctl.protocol import make_request, new_session, serialize
 
@@ -84,6 +86,9 @@ def test_killed_rank_mid_redeployment_stops_the_others_within_the_timeout_and_st
         with pytest.raises(DaemonError) as err:
             c.request("rebalance", {"layers": [1], "dry_run": False})
         assert err.value.code == 503 and "failed" in str(err.value)
+        assert err.value.content.get("deployment_failed") is True       # not "busy": retrying cannot help
+        cli = CliRunner().invoke(main, ["--endpoint", sim.endpoint, "--timeout", "30", "verify"])
+        assert cli.exit_code == 1 and "the deployment has failed" in cli.output, cli.output
         assert 0 in done["done_layers"] and 1 not in done["done_layers"]
         assert done["finished_step"] is not None
         record = c.request("profile", {})["records"][-1]                # the failed job keeps its profile

@@ -107,6 +107,8 @@ def translate(exc: BaseException, *, not_running: int | None = None, unknown: in
             return CliError(message, not_running if not_running is not None else _code(exc, EXIT_UNAVAILABLE))
         if _code(exc, 0) == EXIT_USAGE:  # an endpoint ZeroMQ cannot parse: not a daemon state
             return CliError(message, EXIT_USAGE)
+        if getattr(exc, "content", {}).get("deployment_failed"):  # permanent: retrying (75) cannot help
+            return CliError(message, unknown if unknown is not None else EXIT_FAILURE)
         return CliError(message, unknown if unknown is not None else _code(exc, EXIT_SOFTWARE))
     if isinstance(exc, UnexpectedReply):
         return CliError(message, unknown if unknown is not None else EXIT_PROTOCOL)
