@@ -33,7 +33,7 @@ from eplbd.moe import Maps, SimMoE, digest
 from eplbd.profiler import ERR_CODES, STAT_FIELDS
 from eplbd.recorder import SlotRecorder
 from eplbd.staging import batch_checksums
-from eplbd.transfer import StagedLayer, TransferEngine
+from eplbd.transfer import CapacityError, StagedLayer, TransferEngine
 
 from eplbctl.placement import log2phy, replica_counts
 
@@ -141,19 +141,26 @@ class Agent:
     def _before_forward(self) -> None:
         if self.job is None or self.inflight or not self.job.pending:
             return
+        first_row = 0      # layers in flight share the staging buffer, each in its own rows
         for _ in range(min(self.config.layers_per_step, len(self.job.pending))):
-            layer = self.job.pending.pop(0)
+            layer = self.job.pending[0]
             try:
-                staged = self.engine.prepare(layer, self.placement[layer], self.job.rows[layer])
+                staged = self.engine.prepare(layer, self.placement[layer], self.job.rows[layer], first_row)
             except Exception as exc:
+                if isinstance(exc, CapacityError) and self.inflight:
+                    break      # the rows left this step are too few: the layer goes first next step
+                self.job.pending.pop(0)
                 staged = StagedLayer(layer, [], [])
                 staged.error = str(exc)
                 staged.error_kind = getattr(exc, "kind", "transfer")
                 self.inflight.append(staged)
                 continue
+            self.job.pending.pop(0)
+            first_row += staged.rows_used
+            self.faults.before_launch(self.rank, layer, self.engine)
             self.engine.launch(staged)
             self.inflight.append(staged)
-            self.faults.after_launch(self.rank, layer, self.engine)
+            self.faults.after_launch(self.rank, layer, staged.posted)
 
     def _after_forward(self, start: float) -> None:
         self.steps_since_tick += 1

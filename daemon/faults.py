@@ -94,13 +94,18 @@ class Faults:
                 return True
         return False
 
-    def after_launch(self, rank: int, layer: int, engine: Any) -> None:
+    def before_launch(self, rank: int, layer: int, engine: Any) -> None:
+        if self._take("corrupt", rank, layer):
+            engine.corrupt_next = True     # the transfer thread flips a staged value before verifying
+
+    def after_launch(self, rank: int, layer: int, posted: Any) -> None:
+        """Kill or hang once the layer's first batch is out (`posted`, an Event), i.e. mid-transfer."""
         if self._take("kill", rank, layer):
+            posted.wait(10)
             os._exit(17)
         if self._take("hang", rank, layer):
+            posted.wait(10)
             time.sleep(10**6)
-        if self._take("corrupt", rank, layer):
-            engine.corrupt_next = True
 
     def policy_fault(self) -> str | None:
         for kind in ("policy-raise", "policy-hang", "policy-crash"):

@@ -2,8 +2,9 @@
 
 Each case starts 3 ranks that hold real expert weights, redeploys two layers to random placements and
 checks every live slot against the weights its expert must have. Cases cover the packed path (one
-message per peer), a staging buffer with no free tail (unpacked sends), one move per batch, and a
-corrupted receive (caught by verification, nothing committed).
+message per peer), a staging buffer with no row to spare (packed sends reuse the rows of later
+receives), one op per batch, sends that must go one message per tensor, and a corrupted receive
+(caught by verification, nothing committed).
 """
 
 from __future__ import annotations
@@ -22,12 +23,17 @@ pytestmark = pytest.mark.timeout(180)
 RANKS, LAYERS, EXPERTS, SLOTS, HIDDEN, FFN = 3, 2, 7, 3, 4, 6
 
 
-def _placements(seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _placements(seed: int, case: str = "") -> tuple[np.ndarray, np.ndarray]:
     from eplbctl.placement import contiguous_placement
     from eplbctl.policies.random import random_layer
 
     rng = np.random.default_rng(seed)
     start = contiguous_placement(LAYERS, EXPERTS, RANKS, SLOTS)
+    if case == "unpacked":
+        # a ring of single moves into one staging row: the last sender's only row holds its receive
+        target = start.copy()
+        target[:, :, 0] = np.roll(start[:, :, 0], 1, axis=1)
+        return start, target
     target = np.stack([random_layer(EXPERTS, RANKS, SLOTS, rng) for _ in range(LAYERS)])
     return start, target
 
@@ -37,13 +43,16 @@ def _rank(rank: int, store: str, case: str, out) -> None:
     import torch.distributed as dist
     from eplbd.moe import ExpertStore, MoEShape, make_expert
     from eplbd.staging import checksum, slot_checksums
-    from eplbd.transfer import TransferEngine, plan_layer
+    from eplbd.transfer import TransferEngine
+    from eplbd.transfer_plan import plan_layer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=RANKS,
                             timeout=timedelta(seconds=60))
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=60))
-    start, target = _placements(7)
+    # votes on a group of their own: the engine's thread may still be moving the next layer on `group`
+    votes = dist.new_group(backend="gloo", timeout=timedelta(seconds=60))
+    start, target = _placements(7, case)
     shape = MoEShape(LAYERS, EXPERTS, RANKS, SLOTS, HIDDEN, FFN, 2, 4)
     weights = ExpertStore(shape, 0, torch.device("cpu"))
     weights.load(start[:, rank])
@@ -54,21 +63,29 @@ def _rank(rank: int, store: str, case: str, out) -> None:
                              for la in range(LAYERS)])
     need = max(sum(1 for m in plan_layer(start[la], target[la]) if m.dst_rank == r)
                for la in range(LAYERS) for r in range(RANKS))
-    capacity = {"packed": SLOTS, "no_tail": need, "one_op": SLOTS, "corrupt": SLOTS}[case]
+    capacity = {"packed": SLOTS, "no_tail": need, "one_op": SLOTS, "corrupt": SLOTS, "unpacked": 1,
+                "two_in_flight": 4 * SLOTS}[case]
     engine = TransferEngine(tensors, rank, group, max(1, capacity), 1 if case == "one_op" else 64, 30.0,
                             expert_sums, slot_sums)
     engine.warm_up(RANKS)
     results = []
-    for la in range(LAYERS):
-        staged = engine.prepare(la, start[la], target[la])
-        engine.corrupt_next = case == "corrupt" and rank == 1
-        engine.launch(staged)
-        ok = engine.wait(staged)
-        vote = torch.tensor([int(ok)])
-        dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=group)
-        if vote.item():
-            engine.commit(staged)
-        results.append((ok, bool(vote.item()), staged.error))
+    if case == "two_in_flight":     # both layers staged at once, each in its own rows of one buffer
+        first = engine.prepare(0, start[0], target[0])
+        second = engine.prepare(1, start[1], target[1], first_row=first.rows_used)
+        flights = [[first, second]]
+    else:
+        flights = [[engine.prepare(la, start[la], target[la])] for la in range(LAYERS)]
+    for flight in flights:
+        for staged in flight:
+            engine.corrupt_next = case == "corrupt" and rank == 1 and staged.layer == 0
+            engine.launch(staged)
+        for staged in flight:
+            ok = engine.wait(staged)
+            vote = torch.tensor([int(ok)])
+            dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=votes)
+            if vote.item():
+                engine.commit(staged)
+            results.append((ok, bool(vote.item()), staged.error))
     holds = []
     for la in range(LAYERS):
         row = []
@@ -81,7 +98,7 @@ def _rank(rank: int, store: str, case: str, out) -> None:
     out.put((rank, results, holds))
     out.close()
     out.join_thread()   # flush the result before os._exit, which would kill the queue's feeder thread
-    dist.barrier(group=group)
+    dist.barrier(group=votes)
     os._exit(0)
 
 
@@ -109,9 +126,14 @@ def _run(case: str) -> dict[int, tuple]:
             os.unlink(store)
 
 
-@pytest.mark.parametrize("case", ["packed", "no_tail", "one_op"])
+@pytest.mark.parametrize("case", ["packed", "no_tail", "one_op", "unpacked", "two_in_flight"])
 def test_every_per_expert_tensor_lands_in_its_new_slot(case):
-    start, target = _placements(7)
+    from eplbd.transfer_plan import plan_layer, schedule
+
+    start, target = _placements(7, case)
+    if case == "unpacked":      # the case must really take the one-message-per-tensor path
+        plan = schedule(plan_layer(start[0], target[0]), RANKS, 1, 64, 4)
+        assert not plan.batches[-1].packed
     got = _run(case)
     for rank, (results, holds) in got.items():
         assert all(ok and voted for ok, voted, _ in results), results
