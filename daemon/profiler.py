@@ -41,8 +41,8 @@ def layer_outcomes(stats: np.ndarray, layers_per_step: int) -> list[LayerOutcome
         errors = [f"rank {r}: {ERR_NAMES.get(int(rows[r, 7]), 'failed')}"
                   for r in range(rows.shape[0]) if rows[r, 6] != 1 and rows[r, 7] > 0]
         nbytes = int(rows[:, 1].sum())
-        # A negative time is an upper bound: the backend (gloo P2P) gives no completion time, so the
-        # rank measured up to its wait after the forward step; the GB/s is then a lower bound.
+        # A negative time is an upper bound: no completion was seen (the layer failed), so the rank
+        # measured up to the failure; the GB/s is then a lower bound.
         bound = bool((rows[:, 3] < 0).any())
         transfer_s = float(np.abs(rows[:, 3]).max()) / 1e9
         out.append(LayerOutcome(int(rows[0, 0]), ok, errors, {

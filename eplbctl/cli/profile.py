@@ -47,7 +47,7 @@ def per_layer_table(records: list[dict[str, Any]]) -> Table:
     for rec in records:
         for row in rec.get("per_layer") or []:
             gbps = row.get("gbps")
-            # an upper bound on the time (so a lower bound on GB/s) where the backend gives no completion time
+            # an upper bound on the time (so a lower bound on GB/s) where no completion was seen
             at_most, at_least = ("<=", ">=") if row.get("transfer_upper_bound") else ("", "")
             table.add_row(str(rec["job_id"]), str(field(row, "layer")), fmt_bytes(row.get("bytes")),
                           at_most + _seconds(row.get("transfer_s")),
