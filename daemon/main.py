@@ -43,6 +43,23 @@ from eplbctl.protocol import read_key  # noqa: E402
 EX_USAGE, EX_DATAERR, EX_CANTCREAT, EX_TEMPFAIL = 2, 65, 73, 75
 
 
+def die_with_caller() -> None:
+    """EPLBD_PARENT_PID=PID (set by callers that own the daemon: `eplbctl demo`, the tests): get
+    SIGTERM when that parent dies, even by kill -9, so a killed caller leaves no daemon behind.
+    Operators starting eplbd from a shell leave it unset, and the daemon outlives the shell."""
+    want = os.environ.get("EPLBD_PARENT_PID", "")
+    if not want.isdigit():
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(want):      # the parent died before the line above: nobody will signal
+        fail("the process that started eplbd (EPLBD_PARENT_PID) has exited", EX_TEMPFAIL)
+
+
 def fail(message: str, code: int) -> NoReturn:
     """One line on stderr and exit: every up-front check fails like this, before any rank starts."""
     click.echo(f"eplbd: error: {message}", err=True)
@@ -89,6 +106,7 @@ def sim(**opts: object) -> None:
     """Run the simulated deployment: N gloo ranks, real weights, real MoE forward, real transfers."""
     from eplbd.launcher import launch
 
+    die_with_caller()
     layers = str(opts.pop("layers"))
     if layers != "all" and not layers.isdigit():
         raise click.BadParameter("must be a positive integer or 'all'", param_hint="--layers")

@@ -40,7 +40,7 @@ def running_sim(*args: str, ready_timeout: float = 180.0, env: dict | None = Non
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "eplbd.main", "sim", "--endpoint", endpoint, *args],
                                 stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
-                                env={**os.environ, **(env or {})})
+                                env={**os.environ, "EPLBD_PARENT_PID": str(os.getpid()), **(env or {})})
     daemon = SimDaemon(proc, endpoint, log)
     try:
         deadline = time.monotonic() + ready_timeout

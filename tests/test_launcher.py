@@ -31,7 +31,7 @@ def eplbd(*args: str, env: dict | None = None) -> Iterator[tuple[subprocess.Pope
         args = (*args, "--endpoint", f"ipc://{tmp}/c.sock")
     with open(tmp / "out", "w") as out, open(tmp / "err", "w") as err:
         proc = subprocess.Popen([*EPLBD, *args], stdout=out, stderr=err, text=True, start_new_session=True,
-                                env={**os.environ, **(env or {})})
+                                env={**os.environ, "EPLBD_PARENT_PID": str(os.getpid()), **(env or {})})
     try:
         yield proc, tmp
     finally:
@@ -204,3 +204,31 @@ def test_hung_coordinator_is_named_on_one_line_and_the_daemon_exits_1():
         assert "eplbd: error: rank 0 stopped answering (hung); the launcher killed it" in log
         assert "Traceback" not in log
         assert no_process_left(sim.proc.pid)
+
+
+def test_a_caller_killed_by_sigkill_leaves_no_daemon_behind(tmp_path):
+    """eplbctl demo and the tests own the daemon they start (EPLBD_PARENT_PID): when such a caller
+    dies by a signal it cannot catch, the daemon and every rank go too, instead of living on."""
+    caller = subprocess.Popen(
+        [sys.executable, "-c",
+         "import os, subprocess, sys, time\n"
+         f"p = subprocess.Popen({[*EPLBD, '--ranks', '2', *BASE, '--endpoint', f'ipc://{tmp_path}/c.sock']!r},"
+         " start_new_session=True, stdout=subprocess.PIPE, text=True,"
+         " env={**os.environ, 'EPLBD_PARENT_PID': str(os.getpid())})\n"
+         "print(p.pid, flush=True)\n"
+         "print(p.stdout.readline(), flush=True)\n"
+         "time.sleep(600)\n"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    daemon = 0
+    try:
+        daemon = int(caller.stdout.readline())
+        assert "serving on" in caller.stdout.readline()
+        os.killpg(caller.pid, signal.SIGKILL)
+        caller.wait(timeout=10)
+        assert no_process_left(daemon, timeout_s=30), session_alive(daemon)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(caller.pid, signal.SIGKILL)
+        if daemon:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(daemon, signal.SIGKILL)

@@ -62,9 +62,11 @@ class SimProcess:
         self.endpoint = f"ipc://{workdir / 'control.sock'}"
         cmd = sim_command(args, self.endpoint)
         with open(self.log_path, "wb") as log:
-            # start_new_session: the workers the launcher spawns share its group, so one killpg ends all.
+            # start_new_session: the workers the launcher spawns share its group, so one killpg ends all;
+            # EPLBD_PARENT_PID: and a demo killed by a signal it cannot catch takes the daemon with it.
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         env={**os.environ, "EPLBD_PARENT_PID": str(os.getpid())})
 
     def log_text(self) -> str:
         try:
