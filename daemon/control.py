@@ -24,13 +24,18 @@ from eplbd.planner import PlanJob, Planner, PlannerError, PolicyRefused
 from eplbd.plans import PlanStore
 from eplbd.profiler import JobProfile, layer_outcomes
 
-from eplbctl.metrics import measured_imbalance, predicted_imbalance, summarize
+from eplbctl.metrics import measured_imbalance, predicted_imbalance, summarize, summarize_known
 from eplbctl.policies.base import Topology
 from eplbctl.protocol import RequestError
 
 log = logging.getLogger("eplbd.control")
 SETTLE_TICKS = 2        # ticks after a job before its measured result is reported
 PROFILE_KEEP = 50
+
+
+def _known(value: float) -> float | None:
+    """A measured figure for JSON: None (shown as "-") for a layer that recorded no token."""
+    return None if np.isnan(value) else float(value)
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,7 @@ class Control:
                 continue
             if np.all(snap.ticks_per_layer[job["layers"]] >= SETTLE_TICKS):
                 measured = measured_imbalance(snap.slot_window)
-                job["measured_after"] = {str(la): float(measured[la]) for la in job["layers"]}
+                job["measured_after"] = {str(la): _known(measured[la]) for la in job["layers"]}
 
     def on_job_started(self, job_id: int, step: int) -> None:
         with self._lock:
@@ -225,7 +230,7 @@ class Control:
         rows = []
         for la in layers:
             rows.append({"layer": la, "model_layer": self.layer_ids[la] if self.layer_ids else la,
-                         "measured": float(measured[la]), "current": float(current[la]),
+                         "measured": _known(measured[la]), "current": float(current[la]),
                          "predicted": None if predicted is None else float(predicted[la]),
                          "replicated": int((counts[la] > 1).sum()), "max_replicas": int(counts[la].max()),
                          "last_change_step": None if snap.last_change[la] < 0 else int(snap.last_change[la]),
@@ -238,7 +243,7 @@ class Control:
                 "slots_per_device": self.topo.slots_per_device, "policy": self.policy,
                 "threshold": self.threshold, "transfer": self._transfer_state(), "job": job,
                 "fault": self.fault, "events": list(self.events),
-                "summary": {"measured": summarize(measured[layers]),
+                "summary": {"measured": summarize_known(measured[layers]),
                             "current": summarize(current[layers]),
                             "predicted": None if predicted is None else summarize(predicted[layers])},
                 "layers": rows}
@@ -348,7 +353,7 @@ class Control:
         job_id = next(self._job_ids)
         job = {"job_id": job_id, "state": "queued" if changed else "nochange", "layers": changed,
                "requested_layers": layers, "done_layers": [], "error": None, "plan": report,
-               "measured_before": {str(la): float(measured[la]) for la in layers},
+               "measured_before": {str(la): _known(measured[la]) for la in layers},
                "measured_after": None, "started_step": None, "finished_step": None}
         with self._lock:
             self._jobs[job_id] = job

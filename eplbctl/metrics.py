@@ -51,16 +51,27 @@ def predicted_imbalance(phy2log: np.ndarray, heat: np.ndarray) -> np.ndarray:
 
 
 def measured_imbalance(slot_counts: np.ndarray) -> np.ndarray:
-    """Imbalance from recorded per-slot token counts [L, N, S] -> [L]."""
+    """Imbalance from recorded per-slot token counts [L, N, S] -> [L]; NaN where a layer recorded no
+    token, since no data is not a balanced layer."""
     slot_counts = np.asarray(slot_counts, dtype=np.float64)
     if slot_counts.ndim != 3:
         raise ValueError(f"slot counts must be [layers, devices, slots], got shape {slot_counts.shape}")
-    return imbalance_of_loads(slot_counts.sum(axis=2))
+    loads = slot_counts.sum(axis=2)
+    out = imbalance_of_loads(loads)
+    out[loads.sum(axis=1) == 0] = np.nan
+    return out
 
 
 def balancedness(imbalance: np.ndarray) -> np.ndarray:
     """The peers' figure: mean / max = 1 / imbalance."""
     return 1.0 / np.asarray(imbalance, dtype=np.float64)
+
+
+def summarize_known(per_layer: np.ndarray) -> dict[str, float] | None:
+    """summarize() over the layers that have a value (not NaN); None when none has."""
+    values = np.asarray(per_layer, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    return summarize(values) if values.size else None
 
 
 def summarize(per_layer: np.ndarray) -> dict[str, float]:

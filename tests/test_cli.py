@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from fake_daemon import FakeDaemon, serve
+from fake_daemon import FakeDaemon, layer_row, serve
 
 from eplbctl.cli import main
 
@@ -49,6 +49,34 @@ def test_status_sort_top_and_layers(endpoint: str, daemon: FakeDaemon) -> None:
     assert result.exit_code == 0
     assert daemon.calls[-1] == ("status", {"layers": [1, 3, 4]})
     assert [line.split()[0] for line in result.stdout.splitlines()[1:4]] == ["1", "3", "4"]
+
+
+def test_layer_with_no_tokens_in_its_window_shows_no_measured_imbalance_and_sorts_last(
+        endpoint: str, daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fake_daemon
+
+    def row(layer: int) -> dict:
+        out = layer_row(layer)
+        if layer == 5:                       # the worst layer recorded nothing after a fault
+            out.update(measured=None, window_tokens=0)
+        return out
+    monkeypatch.setattr(fake_daemon, "layer_row", row)
+    result = run(endpoint, "status", "--sort", "imbalance")
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.stdout.splitlines()[1:9]]
+    assert rows[-1][:3] == ["5", "8", "-"] and rows[0][0] == "2"
+
+
+def test_job_result_with_a_layer_that_has_no_measured_imbalance_shows_a_dash() -> None:
+    from rich.console import Console
+
+    from eplbctl.cli.rebalance import result_table
+
+    console = Console(width=100, record=True)
+    console.print(result_table({"layers": [0, 1], "done_layers": [0, 1], "measured_before": {"0": 1.3, "1": None},
+                                "measured_after": {"0": 1.02, "1": None}}))
+    lines = console.export_text().splitlines()
+    assert lines[1].split() == ["0", "1.300", "1.020", "yes"] and lines[2].split() == ["1", "-", "-", "yes"]
 
 
 def test_status_json_is_only_json(endpoint: str) -> None:

@@ -13,6 +13,7 @@ from eplbctl.metrics import (
     measured_imbalance,
     predicted_imbalance,
     summarize,
+    summarize_known,
 )
 from eplbctl.placement import contiguous_placement
 
@@ -41,7 +42,15 @@ def test_zero_heat_layer_has_imbalance_one_never_nan() -> None:
     assert values[0] == 1.0
     assert not np.isnan(values).any()
     assert balancedness(values)[0] == 1.0
-    assert measured_imbalance(np.zeros((1, 2, 2)))[0] == 1.0
+
+
+def test_a_layer_that_recorded_no_token_has_no_measured_imbalance_not_a_perfect_one() -> None:
+    counts = np.zeros((2, 2, 2))
+    counts[1] = [[3.0, 1.0], [2.0, 2.0]]
+    measured = measured_imbalance(counts)
+    assert np.isnan(measured[0]) and measured[1] == 1.0
+    assert summarize_known(measured) == {"mean": 1.0, "p90": 1.0, "max": 1.0}
+    assert summarize_known(measured[:1]) is None
 
 
 def test_heat_split_evenly_over_replicas() -> None:

@@ -143,8 +143,9 @@ def run_demo(term: Terminal, obj: CliContext, sim: SimProcess) -> None:
     before = show_status(term, obj, "status")
 
     from eplbctl.cli.rebalance import report_job, show_plan, wait_for_job
+    from eplbctl.cli.status import worst_first
 
-    worst = sorted(before["layers"], key=lambda r: (-float(r["measured"]), int(r["layer"])))[:WORST_LAYERS]
+    worst = sorted(before["layers"], key=worst_first)[:WORST_LAYERS]
     layers = sorted(int(r["layer"]) for r in worst)
     term.line(f"\n== rebalance of the {len(layers)} worst layers: {','.join(map(str, layers))} ==")
     content = {"layers": layers, "auto": False, "threshold": None, "policy": None, "params": {}}

@@ -94,7 +94,7 @@ def _by_layer(values: Any) -> dict[int, float]:
     # msgpack may hand int map keys back as str (strict_map_key); normalise to int.
     if not isinstance(values, dict):
         return {}
-    return {int(k): float(v) for k, v in values.items()}
+    return {int(k): float(v) for k, v in values.items() if isinstance(v, int | float)}   # None: no tokens
 
 
 def result_table(job: dict[str, Any]) -> Table:

@@ -54,13 +54,18 @@ def fetch_status(obj: CliContext, layers: list[int] | None) -> dict[str, Any]:
     return reply
 
 
+def worst_first(row: dict[str, Any]) -> tuple[float, int]:
+    """Sort key: highest measured imbalance first, layers without data ("-") last, ties by layer id."""
+    measured = row["measured"]
+    return (-float(measured) if isinstance(measured, int | float) else float("inf"), int(row["layer"]))
+
+
 def select_rows(rows: list[dict[str, Any]], sort: str, top: int | None) -> list[dict[str, Any]]:
     """``--top N`` keeps the N layers with the highest measured imbalance; ``--sort`` orders what is shown."""
     if top is not None:
-        # Ties broken by layer id so the choice is deterministic.
-        rows = sorted(rows, key=lambda r: (-float(r["measured"]), int(r["layer"])))[:top]
+        rows = sorted(rows, key=worst_first)[:top]
     if sort == "imbalance":
-        return sorted(rows, key=lambda r: (-float(r["measured"]), int(r["layer"])))
+        return sorted(rows, key=worst_first)
     return sorted(rows, key=lambda r: int(r["layer"]))
 
 
