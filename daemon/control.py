@@ -303,6 +303,10 @@ class Control:
                 self.events.append(f"step {snap.step}: {exc}")
                 raise RequestError(500, str(exc)) from None
             if dry_run:
+                try:
+                    self._check_staging(snap.placement, placement, report)
+                except RequestError as exc:    # shown, but not kept: applying it could only be refused
+                    return {"plan": {**report, "plan_id": None, "refused": exc.message}}
                 return {"plan": {**report, "plan_id": self.plans.add(layers, snap.placement, placement, report)}}
             self._check_staging(snap.placement, placement, report)
             return {"job": self._queue_job(snap, layers, placement, {**report, "plan_id": None}, measured)}

@@ -2,8 +2,8 @@
 refusing the instance is the request's problem (422), not the daemon's (500).
 
 Most tests drive a real `eplbd sim` over its real socket; each test uses its own layers of the
-module's deployment (0: apply, 1-2: stale, 3: CLI apply, 2: CLI stale), and the last takes whatever
-state the others left.
+module's deployment (0: apply, 1-2: stale, 3: CLI apply by --plan-id, then confirmed, 2: CLI stale),
+and the last takes whatever state the others left.
 """
 
 from __future__ import annotations
@@ -216,6 +216,29 @@ def run(endpoint: str, *args: str, input: str | None = None) -> Result:
 @pytest.fixture
 def tty(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("eplbctl.cli.rebalance.stdin_is_tty", lambda: True)
+
+
+def test_cli_applies_a_preview_saved_earlier_by_its_plan_id_once(sim):
+    import json
+
+    # a partial move, so that the next test still finds layer 3 worth rebalancing
+    result = run(sim.endpoint, "rebalance", "--layers", "3", "--policy", "swift", "--param", "max_moves=0.03",
+                 "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["plan"]
+    with sim.client() as c:
+        before = phy2log(c, [3])
+    result = run(sim.endpoint, "rebalance", "--plan-id", plan["plan_id"], "--yes", "--json")
+    assert result.exit_code == 0, result.output
+    job = json.loads(result.stdout)["job"]
+    assert job["state"] == "done" and job["plan"]["plan_id"] == plan["plan_id"]
+    with sim.client() as c:
+        assert phy2log(c, [3]) != before
+    again = run(sim.endpoint, "rebalance", "--plan-id", plan["plan_id"], "--yes")
+    assert again.exit_code == 75 and "preview again" in again.stderr
+    for extra in (["--layers", "3"], ["--dry-run"], ["--policy", "swift"]):
+        bad = run(sim.endpoint, "rebalance", "--plan-id", plan["plan_id"], "--yes", *extra)
+        assert bad.exit_code == 2, bad.output
 
 
 def test_cli_confirmed_rebalance_applies_the_preview_and_yes_plans_fresh(sim, tty):

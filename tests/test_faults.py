@@ -117,6 +117,11 @@ def test_layer_needing_more_staging_than_a_rank_has_is_refused_before_anything_m
             c.request("rebalance", {"layers": [1], "dry_run": False})
         assert err.value.code == 422 and "more than its 8 staging slots" in str(err.value)
         assert c.request("inspect", {"layer": 1})["phy2log"] == before
+        # its preview says so up front and keeps no plan_id that could only be refused later
+        plan = c.request("rebalance", {"layers": [1], "dry_run": True})["plan"]
+        assert plan["plan_id"] is None and "more than its 8 staging slots" in plan["refused"]
+        cli = CliRunner().invoke(main, ["--endpoint", sim.endpoint, "rebalance", "--layers", "1", "--dry-run"])
+        assert cli.exit_code == 0 and "this plan cannot be applied" in cli.stderr, cli.output
         small = c.request("rebalance", {"layers": [1], "policy": "swift", "params": {"max_moves": "0.02"},
                                         "dry_run": False})["job"]
         done = wait_job(c, small["job_id"], settled=False)

@@ -10,6 +10,9 @@ Order of events, so that a mistake never changes anything:
    as planned or refuses when a layer of it changed since (then: preview again, nothing moved); with
    ``--yes``, a fresh plan; with ``--wait`` (default) the job is polled with a progress bar on stderr until
    it is done / failed / nochange, then measured imbalance before/after is printed per layer.
+A preview the daemon marks ``refused`` (it could not run: too few staging slots) is shown with the
+reason and never applied (exit 65). ``--plan-id ID`` applies a preview made earlier (``--dry-run
+--json`` prints its id), after the same confirmation, with nothing else on the command line.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from eplbctl.cli.base import (
+    EXIT_DATAERR,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     CliContext,
@@ -168,17 +172,26 @@ def _follow(obj: CliContext, job: dict[str, Any], job_id: Any, total: int, deadl
 @click.option("--min-gain", type=click.FloatRange(min=0.0), metavar="G", callback=finite_or_none,
               help="Move a layer only if its predicted imbalance drops by more than G (default: the daemon's).")
 @click.option("--dry-run", is_flag=True, help="Only show the plan; change nothing.")
+@click.option("--plan-id", metavar="ID", help="Apply a plan previewed earlier (its id: --dry-run --json).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Follow the job until it ends.")
 @json_option
 @pass_ctx
 @handle_errors
 def rebalance(obj: CliContext, spec: str | None, auto: bool, threshold: float | None, policy: str | None,
-              params: tuple[str, ...], min_gain: float | None, dry_run: bool, yes: bool, wait: bool,
-              as_json: bool) -> None:
-    """Redeploy experts of chosen layers (--layers SPEC) or of the worst ones (--auto)."""
-    if (spec is None) == (not auto):
-        raise click.UsageError("give exactly one of --layers SPEC or --auto")
+              params: tuple[str, ...], min_gain: float | None, dry_run: bool, plan_id: str | None, yes: bool,
+              wait: bool, as_json: bool) -> None:
+    """Redeploy experts of chosen layers (--layers SPEC), of the worst ones (--auto), or as a plan
+    previewed earlier (--plan-id)."""
+    if (spec is not None) + auto + (plan_id is not None) != 1:
+        raise click.UsageError("give exactly one of --layers SPEC, --auto or --plan-id ID")
+    if plan_id is not None:
+        given = [name for name, value in (("--policy", policy), ("--param", params), ("--threshold", threshold),
+                                          ("--min-gain", min_gain), ("--dry-run", dry_run)) if value]
+        if given:
+            raise click.UsageError(f"--plan-id applies the plan as previewed: drop {', '.join(given)}")
+        _apply_saved(obj, plan_id, yes, wait, as_json)
+        return
     param_dict = parse_params(params)
     if spec is not None:
         check_layer_syntax(spec)  # before any request: a typo never waits on (or for) a daemon
@@ -198,11 +211,14 @@ def rebalance(obj: CliContext, spec: str | None, auto: bool, threshold: float | 
     if dry_run or not yes:
         plan = field(obj.request("rebalance", request_content(layers, auto, threshold, policy, param_dict,
                                                               dry_run=True, min_gain=min_gain)), "plan")
+        refused = plan.get("refused")
         if dry_run:
             if as_json:
                 term.json({"plan": plan})
             else:
                 show_plan(term, plan)
+            if isinstance(refused, str):
+                term.note(f"this plan cannot be applied: {refused}")
             return
         # The preview is for the person who must confirm: stderr when stdout is kept for JSON.
         if as_json:
@@ -213,6 +229,8 @@ def rebalance(obj: CliContext, spec: str | None, auto: bool, threshold: float | 
         if not any(row.get("change") for row in plan["layers"]):
             _finish_nochange(term, as_json, "the plan changes no layer; nothing to do")
             return
+        if isinstance(refused, str):
+            raise CliError(f"this plan cannot be applied: {refused}; nothing was changed", EXIT_DATAERR)
         plan_id = field(plan, "plan_id")  # before the prompt: without it the confirmed plan cannot be applied
         if not isinstance(plan_id, str):
             raise UnexpectedReply("unexpected reply from the daemon: 'plan_id' is not a string")
@@ -222,6 +240,12 @@ def rebalance(obj: CliContext, spec: str | None, auto: bool, threshold: float | 
     else:
         job = field(obj.request("rebalance", request_content(layers, auto, threshold, policy, param_dict,
                                                              dry_run=False, min_gain=min_gain)), "job")
+    _track(obj, term, job, wait, as_json, show_job_plan=yes and not as_json)
+
+
+def _track(obj: CliContext, term: Terminal, job: dict[str, Any], wait: bool, as_json: bool,
+           show_job_plan: bool) -> None:
+    """A queued job: say how to follow it (--no-wait), or follow it to its end and report."""
     if not wait:
         if as_json:
             term.json({"job": job})
@@ -229,7 +253,18 @@ def rebalance(obj: CliContext, spec: str | None, auto: bool, threshold: float | 
             term.line(f"job {field(job, 'job_id')} {job.get('state')}; follow it with 'eplbctl status'")
         return
     job = wait_for_job(obj, term, job, quiet=False)
-    report_job(term, job, as_json, show_job_plan=yes and not as_json)
+    report_job(term, job, as_json, show_job_plan=show_job_plan)
+
+
+def _apply_saved(obj: CliContext, plan_id: str, yes: bool, wait: bool, as_json: bool) -> None:
+    """--plan-id: the operator saw this plan earlier (--dry-run); the daemon applies exactly it, or
+    refuses when it expired or one of its layers changed since."""
+    if not (yes or stdin_is_tty()):
+        raise CliError("no terminal to confirm on (stdin is not a tty); nothing was changed: apply with --yes",
+                       EXIT_FAILURE)
+    if not yes and not _confirm(f"Apply previewed plan {plan_id}?"):
+        raise CliError("aborted; nothing was changed", EXIT_FAILURE)
+    _track(obj, Terminal(), _apply_preview(obj, plan_id), wait, as_json, show_job_plan=not as_json)
 
 
 def _apply_preview(obj: CliContext, plan_id: str) -> dict[str, Any]:
