@@ -247,8 +247,8 @@ def test_rebalance_bad_layer_spec(endpoint: str, daemon: FakeDaemon, args: list[
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ([], "eplbctl: error: give exactly one of --layers SPEC or --auto"),
-        (["--auto", "--layers", "1"], "eplbctl: error: give exactly one of --layers SPEC or --auto"),
+        ([], "eplbctl: error: give exactly one of --layers SPEC, --auto or --plan-id ID"),
+        (["--auto", "--layers", "1"], "eplbctl: error: give exactly one of --layers SPEC, --auto or --plan-id ID"),
         (["--auto", "--param", "k"], "eplbctl: error: Invalid value for '--param': expected key=value, got 'k'"),
         (["--auto", "--threshold", "0.5"], "eplbctl: error: Invalid value for '--threshold'"),
     ],

@@ -169,7 +169,7 @@ def test_layer_range_is_checked_against_the_daemon(endpoint: str, daemon: FakeDa
     (["plan"], "Missing option '--devices'."),
     (["status", "--sort", "x"], "Invalid value for '--sort': 'x' is not one of 'layer', 'imbalance'."),
     (["completion", "tcsh"], "Invalid value for '{bash|zsh|fish}': 'tcsh' is not one of"),
-    (["rebalance"], "give exactly one of --layers SPEC or --auto"),
+    (["rebalance"], "give exactly one of --layers SPEC, --auto or --plan-id ID"),
     (["status", "--watch", "inf"], "Invalid value for '--watch': inf is not in the range"),
     (["status", "--watch", "nan"], "Invalid value for '--watch': nan is not a finite number"),
     (["profile", "--last", "99999999999999999999999"], "Invalid value for '--last': 99999999999999999999999 is"),
