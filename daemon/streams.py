@@ -19,8 +19,15 @@ import torch
 
 class SideStream:
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.module = torch.get_device_module(device)   # torch.cuda, torch.npu (torch_npu) or torch.cpu
         self.stream = self.module.Stream()
+
+    def bind_thread(self) -> None:
+        """Make this rank's device current in the calling thread: a new thread starts on device 0,
+        the current device being per host thread on CUDA and Ascend."""
+        if self.device.type != "cpu":
+            self.module.set_device(self.device)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:

@@ -198,6 +198,7 @@ class TransferEngine:
         self._queue.put(staged)
 
     def _serve(self) -> None:
+        self.side.bind_thread()
         while True:
             staged = self._queue.get()
             try:
