@@ -175,19 +175,19 @@ class Agent:
         staged = self.inflight
         self.inflight = []
         ok = [s.error is None and self.engine.wait(s) for s in staged]
-        vote = torch.tensor([int(all(ok))], dtype=torch.int64)
-        dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=self.ctrl)   # a layer commits everywhere or nowhere
+        # one vote per layer in flight: a layer commits everywhere or nowhere, whatever its siblings do
+        votes = torch.tensor([int(x) for x in ok], dtype=torch.int64)
+        dist.all_reduce(votes, op=dist.ReduceOp.MIN, group=self.ctrl)
         before = self.placement.copy()
-        if vote.item():
-            for s in staged:
+        for s, vote in zip(staged, votes.tolist(), strict=True):
+            if vote:
                 self.engine.commit(s)
                 self._commit_maps(s.layer, self.job.rows[s.layer])
                 self.job.done.append(s.layer)
-        else:
-            for s in staged:
-                if s.error:
-                    log.error("rank %d: %s", self.rank, s.error)
-            self.job.pending = []
+            elif s.error:
+                log.error("rank %d: %s", self.rank, s.error)
+        if not all(votes.tolist()):
+            self.job.pending = []       # the job ends at its first aborted layer
         finished = time.perf_counter()
         self._tick(before, self._stats(staged, start, finished))
         if not self.job.pending:

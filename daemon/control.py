@@ -104,8 +104,7 @@ class Control:
         with self._lock:
             self._tick_count += 1
             self.step = step
-            for out in outcomes:
-                self._on_layer(job_id, out, step)
+            self._on_layers(job_id, outcomes, step)
             if any(out.ok for out in outcomes):
                 self._last_change[[o.layer for o in outcomes if o.ok]] = step
             slots, heat = self._windows()
@@ -118,20 +117,23 @@ class Control:
         slots, _, ticks = self.history.window(self._last_change)
         return slots, (self.history.full_window_heat(), ticks)
 
-    def _on_layer(self, job_id: int | None, out: Any, step: int) -> None:
+    def _on_layers(self, job_id: int | None, outcomes: list, step: int) -> None:
+        """Account every layer that was in flight this step, then end the job if it is over."""
         job = self._jobs.get(job_id) if job_id is not None else None
-        if job is None:
+        if job is None or not outcomes:
             return
-        profile = self._profiles[job_id]
-        profile.per_layer.append(out.figures)
-        if out.ok:
-            job["done_layers"].append(out.layer)
-            if len(job["done_layers"]) == len(job["layers"]):
-                self._finish(job, "done", step, None)
-        else:
-            why = "; ".join(out.errors) or "a rank reported a failure"
-            self._finish(job, "failed", step, f"layer {out.layer} aborted on every rank ({why}); "
-                                              "placement unchanged for the remaining layers")
+        failed = []
+        for out in outcomes:
+            self._profiles[job_id].per_layer.append(out.figures)
+            if out.ok:
+                job["done_layers"].append(out.layer)   # also when a sibling in flight failed: it moved
+            else:
+                why = "; ".join(out.errors) or "a rank reported a failure"
+                failed.append(f"layer {out.layer} aborted on every rank ({why})")
+        if failed:
+            self._finish(job, "failed", step, "; ".join(failed) + "; layers not yet started keep their placement")
+        elif len(job["done_layers"]) == len(job["layers"]):
+            self._finish(job, "done", step, None)
 
     def _finish(self, job: dict, state: str, step: int, error: str | None) -> None:
         job.update(state=state, finished_step=step, error=error)

@@ -92,7 +92,7 @@ class StagedLayer:
     _done: list = field(default_factory=list)      # completion times of the P2P works (when known)
     _where: dict = field(default_factory=dict)     # move index -> this rank's staging row
     _locals_filled: bool = False
-    _corrupt: bool = False                         # fault injection: flip one staged value before verify
+    _corrupt: bool = False                         # fault injection: flip one received value before verify
     posted: threading.Event = field(default_factory=threading.Event)     # its first batch is out
     _finished: threading.Event = field(default_factory=threading.Event)  # staged and verified, or failed
 
@@ -121,8 +121,10 @@ class TransferEngine:
 
     def __init__(self, tensors: list[torch.Tensor], rank: int, group: dist.ProcessGroup,
                  capacity: int, max_ops: int, timeout_s: float, expert_sums: torch.Tensor,
-                 slot_sums: torch.Tensor) -> None:
+                 slot_sums: torch.Tensor, threaded: bool | None = None) -> None:
         self.tensors = tensors                # each [L, S, ...]: every per-expert tensor
+        # a transfer thread on CPU/gloo only (see launch); None: decided by the device
+        self.threaded = tensors[0].device.type == "cpu" if threaded is None else threaded
         self.rank = rank
         self.group = group
         self.capacity = capacity
@@ -135,6 +137,7 @@ class TransferEngine:
         self.expert_bytes = sum(t[0, 0].numel() * t.element_size() for t in tensors)
         self.corrupt_next = False             # fault injection: flip one staged value before verify
         self._stamps: bool | None = None      # whether P2P works give completion times (unknown yet)
+        self.broken: str | None = None        # why transfers stopped for good (see _break)
         self._queue: queue.SimpleQueue[StagedLayer] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
 
@@ -161,6 +164,9 @@ class TransferEngine:
 
         Layers in flight at once take consecutive row ranges (`rows_used` each), so none overwrites
         another's rows; `first_row` must be the same on every rank, as it shapes the schedule."""
+        if self.broken:
+            raise TransferError(f"layer {layer}: expert transfers stopped after a failed transfer ({self.broken}); "
+                                "restart eplbd to move experts again")
         start = time.perf_counter()
         moves = plan_layer(old, new)
         # no more rows than one batch needs, so the rest is left to other layers in flight
@@ -183,15 +189,21 @@ class TransferEngine:
         return staged
 
     def launch(self, staged: StagedLayer) -> None:
-        """Queue the layer for the transfer thread and return; `wait` blocks until it is staged.
+        """Start the layer's transfer and return; `wait` returns once it is staged and verified.
 
-        One thread runs the layers in launch order, so every rank posts the same P2P ops in the same
-        order (NCCL/HCCL match by order). It posts a batch as soon as the rows it reuses are free and
-        verifies on arrival while the worker's forward step runs: neither the later batches (which
-        gloo cannot post from a completion callback) nor verification sits in the step's stall."""
+        On CPU (gloo) one transfer thread runs the layers in launch order: it posts a batch as soon as
+        the rows it reuses are free and verifies on arrival while the worker's forward step runs, so
+        neither the later batches (gloo cannot post them from a completion callback) nor verification
+        sits in the step's stall. Gloo groups are independent sockets, so the thread's P2P and the
+        forward's collectives may interleave differently on different ranks. NCCL/HCCL communicators
+        may not (concurrent communicators issued in different orders can deadlock), so on a device the
+        first batch is posted here, before the forward, and the rest in `wait`, after it: the same
+        order on every rank, with the work itself on the side stream."""
         staged.phase = Phase.STAGING
-        if self.corrupt_next and staged.incoming:
-            staged._corrupt, self.corrupt_next = True, False
+        staged._corrupt, self.corrupt_next = self.corrupt_next and bool(staged.incoming), False
+        if not self.threaded:
+            self._start(staged)
+            return
         if self._worker is None:
             self._worker = threading.Thread(target=self._serve, daemon=True, name="eplb-transfer")
             self._worker.start()
@@ -202,12 +214,14 @@ class TransferEngine:
         while True:
             staged = self._queue.get()
             try:
-                self._run(staged)
+                if self._start(staged):
+                    self._finish(staged)
             finally:
                 staged.posted.set()
                 staged._finished.set()
 
-    def _run(self, staged: StagedLayer) -> None:
+    def _start(self, staged: StagedLayer) -> bool:
+        """Post the first batch (and copy the local moves when no packed send needs their rows)."""
         staged.started = time.perf_counter()
         try:
             with self.side.active():
@@ -215,19 +229,28 @@ class TransferEngine:
                 plan = staged.schedule
                 if plan.send_end[self.rank] <= plan.local_row[self.rank]:
                     self._fill_locals(staged)        # copied while the batch flies
-                staged.posted.set()
+            return True
+        except Exception as exc:   # anything: a dead transfer thread would stall every later layer
+            self._fail(staged, exc)
+            return False
+        finally:
+            staged.posted.set()
+
+    def _finish(self, staged: StagedLayer) -> None:
+        """Post the later batches, wait for every byte, verify."""
+        try:
+            with self.side.active():
                 self._finish_batches(staged)
                 if not staged._done:
-                    staged._done.append(time.perf_counter())   # seen by a thread that does nothing else
+                    staged._done.append(time.perf_counter())   # seen by a waiter that does nothing else
                 staged.transfer_s = max(staged._done) - staged.started
                 if staged._corrupt:
                     self.buf.views[0][staged.first_row].view(-1)[0] += 1
                 verify_start = time.perf_counter()
                 self._verify(staged)
                 staged.verify_s = time.perf_counter() - verify_start
-            if staged.phase is Phase.STAGING:      # not given up on by `wait` meanwhile
-                staged.phase = Phase.STAGED
-        except (TransferError, RuntimeError) as exc:
+            staged.phase = Phase.STAGED
+        except Exception as exc:
             self._fail(staged, exc)
 
     def _fill_locals(self, staged: StagedLayer) -> None:
@@ -302,9 +325,17 @@ class TransferEngine:
 
     def wait(self, staged: StagedLayer) -> bool:
         """The layer's transfer and verification, finished; False (with `error`) instead of raising."""
+        if not self.threaded:
+            if staged.phase is Phase.STAGING:
+                self._finish(staged)
+            return staged.phase is Phase.STAGED
         # the thread's own waits are bounded; this bound only guards against a call that never returns
         if not staged._finished.wait(self.timeout.total_seconds() * (staged.batches + 2) + 30):
-            self._fail(staged, TimeoutError_(f"layer {staged.layer}: the transfer thread did not finish"))
+            # given up: the thread may still finish this layer, but the vote has its "no" already
+            staged.error = f"layer {staged.layer}: the transfer thread did not finish"
+            staged.error_kind = TimeoutError_.kind
+            self._break(staged)
+            return False
         return staged.phase is Phase.STAGED
 
     def _fail(self, staged: StagedLayer, exc: BaseException) -> None:
@@ -312,6 +343,14 @@ class TransferEngine:
         staged.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         staged.error_kind = getattr(exc, "kind", "transfer")
         staged.phase = Phase.ABORTED
+        if staged.error_kind in ("transfer", "timeout"):
+            self._break(staged)
+
+    def _break(self, staged: StagedLayer) -> None:
+        """After a P2P timeout or error, ops of that layer may still be posted (gloo closed the pair;
+        a peer may send late into its staging rows), so this engine moves nothing more: a late write
+        landing between a later layer's verify and commit would go unseen."""
+        self.broken = self.broken or f"layer {staged.layer}: {staged.error}"
 
     def _finish_batches(self, staged: StagedLayer) -> None:
         """The next batch's receives and packed sends reuse only rows this rank's own sends read, so it

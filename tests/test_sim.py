@@ -138,3 +138,25 @@ def test_several_layers_per_step_share_staging_without_overwriting_each_other():
         assert verdict["ok"] and verdict["baseline"] == verdict["current"] and verdict["weights_ok"]
         stalls = [p["stall_s"] for p in c.request("profile", {"last": 1})["records"][-1]["per_layer"]]
         assert len(stalls) == 4 and len(set(stalls)) < 4    # some layers shared a step
+
+
+def test_a_layer_failing_beside_others_in_flight_aborts_alone_and_the_others_report_what_they_did():
+    """With several layers in one step, each votes on its own: the corrupted one is aborted on every
+    rank and the job fails, its siblings commit (and are reported moved only because they did)."""
+    corrupt = [arg for r in range(4) for arg in ("--fault", f"corrupt:rank={r}:layer=0")]
+    with running_sim(*SMALL, "--layers-per-step", "4", *corrupt) as daemon, daemon.client() as c:
+        before = [c.request("inspect", {"layer": la})["phy2log"] for la in range(4)]
+        job = c.request("rebalance", {"layers": [0, 1, 2, 3], "policy": "swift", "params": {"max_moves": "0.05"},
+                                      "dry_run": False})["job"]
+        done = wait_job(c, job["job_id"], settled=False)
+        assert done["state"] == "failed" and "layer 0 aborted on every rank" in done["error"], done
+        moved = sorted(done["done_layers"])
+        assert 0 not in moved and moved, done
+        assert c.request("inspect", {"layer": 0})["phy2log"] == before[0]
+        for la in range(1, 4):
+            after = c.request("inspect", {"layer": la})
+            assert (after["phy2log"] != before[la]) == (la in moved)
+            np.testing.assert_array_equal(np.array(after["checksums"]), expected_checksums(la, after["phy2log"]))
+        assert c.request("verify", {})["ok"]
+        per_layer = c.request("profile", {"last": 1})["records"][-1]["per_layer"]
+        assert len(per_layer) == len(done["layers"])     # every layer in flight is accounted for

@@ -3,8 +3,9 @@
 Each case starts 3 ranks that hold real expert weights, redeploys two layers to random placements and
 checks every live slot against the weights its expert must have. Cases cover the packed path (one
 message per peer), a staging buffer with no row to spare (packed sends reuse the rows of later
-receives), one op per batch, sends that must go one message per tensor, and a corrupted receive
-(caught by verification, nothing committed).
+receives), one op per batch, sends that must go one message per tensor, two layers in flight in one
+buffer, the same without the transfer thread (as on a device: later batches posted in `wait`), and a
+corrupted receive (caught by verification, nothing committed).
 """
 
 from __future__ import annotations
@@ -64,12 +65,12 @@ def _rank(rank: int, store: str, case: str, out) -> None:
     need = max(sum(1 for m in plan_layer(start[la], target[la]) if m.dst_rank == r)
                for la in range(LAYERS) for r in range(RANKS))
     capacity = {"packed": SLOTS, "no_tail": need, "one_op": SLOTS, "corrupt": SLOTS, "unpacked": 1,
-                "two_in_flight": 4 * SLOTS}[case]
+                "two_in_flight": 4 * SLOTS, "inline": 4 * SLOTS}[case]
     engine = TransferEngine(tensors, rank, group, max(1, capacity), 1 if case == "one_op" else 64, 30.0,
-                            expert_sums, slot_sums)
+                            expert_sums, slot_sums, threaded=False if case == "inline" else None)
     engine.warm_up(RANKS)
     results = []
-    if case == "two_in_flight":     # both layers staged at once, each in its own rows of one buffer
+    if case in ("two_in_flight", "inline"):   # both layers staged at once, each in its own rows of one buffer
         first = engine.prepare(0, start[0], target[0])
         second = engine.prepare(1, start[1], target[1], first_row=first.rows_used)
         flights = [[first, second]]
@@ -126,7 +127,7 @@ def _run(case: str) -> dict[int, tuple]:
             os.unlink(store)
 
 
-@pytest.mark.parametrize("case", ["packed", "no_tail", "one_op", "unpacked", "two_in_flight"])
+@pytest.mark.parametrize("case", ["packed", "no_tail", "one_op", "unpacked", "two_in_flight", "inline"])
 def test_every_per_expert_tensor_lands_in_its_new_slot(case):
     from eplbd.transfer_plan import plan_layer, schedule
 
@@ -149,3 +150,71 @@ def test_corrupted_receive_is_caught_and_no_rank_commits():
     for _rank, (res, holds) in got.items():
         assert res[0][1] is False                                # the vote failed everywhere
         np.testing.assert_array_equal(holds[0], start[0, _rank])  # layer 0 unchanged on every rank
+
+
+def _slow_peer_rank(rank: int, store: str, out) -> None:
+    import time
+
+    import torch
+    import torch.distributed as dist
+    from eplbd.moe import ExpertStore, MoEShape
+    from eplbd.staging import slot_checksums
+    from eplbd.transfer import TransferEngine, TransferError
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=RANKS,
+                            timeout=timedelta(seconds=60))
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=60))
+    votes = dist.new_group(backend="gloo", timeout=timedelta(seconds=60))
+    start, target = _placements(7)
+    shape = MoEShape(LAYERS, EXPERTS, RANKS, SLOTS, HIDDEN, FFN, 2, 4)
+    weights = ExpertStore(shape, 0, torch.device("cpu"))
+    weights.load(start[:, rank])
+    slot_sums = torch.stack([torch.stack([slot_checksums(weights.tensors, la, s) for s in range(SLOTS)])
+                             for la in range(LAYERS)])
+    engine = TransferEngine(weights.tensors, rank, group, SLOTS, 64, 1.0, torch.zeros(LAYERS, EXPERTS, 3,
+                            dtype=torch.int64), slot_sums)
+    staged = engine.prepare(0, start[0], target[0])
+    if rank == 1:
+        time.sleep(3.0)                       # alive, but past the others' 1 s transfer timeout
+    engine.launch(staged)
+    first = (engine.wait(staged), staged.error_kind)
+    try:
+        engine.prepare(1, start[1], target[1])
+        second = "prepared"
+    except TransferError as exc:
+        second = str(exc)
+    out.put((rank, first, second))
+    out.close()
+    out.join_thread()
+    dist.barrier(group=votes)
+    os._exit(0)
+
+
+def test_after_a_transfer_timeout_the_engine_refuses_to_move_experts_again():
+    """A peer past the time limit makes the transfer fail; its ops may still land late in staging,
+    where a later layer's verified rows could be overwritten before commit. So the engine stops."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    store = tempfile.mktemp(prefix="eplbt-store-")
+    procs = [ctx.Process(target=_slow_peer_rank, args=(r, store, out), daemon=True) for r in range(RANKS)]
+    for p in procs:
+        p.start()
+    try:
+        got = {}
+        for _ in range(RANKS):
+            rank, first, second = out.get(timeout=120)
+            got[rank] = (first, second)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        if os.path.exists(store):
+            os.unlink(store)
+    failed = sorted(r for r, (first, _) in got.items() if first[0] is False)
+    assert {0, 2} <= set(failed), got                    # the ranks that waited on rank 1 gave up
+    for r in failed:
+        assert "restart eplbd" in got[r][1], got          # and move nothing more
+    for r in set(got) - set(failed):
+        assert got[r][1] == "prepared", got
