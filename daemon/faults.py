@@ -4,9 +4,10 @@ and the blame for a failure: which rank caused it, and which only gave up on tha
 A spec is `kind[:key=value...]`, given with `eplbd sim --fault SPEC` (repeatable) or the
 `EPLBD_FAULT` environment variable (comma-separated):
 
-  corrupt:rank=R:layer=L    rank R flips one value of what it received for layer L (before verify)
-  kill:rank=R:layer=L       rank R exits right after launching the transfer of layer L
-  hang:rank=R:layer=L       rank R stops answering right after launching the transfer of layer L
+  corrupt:rank=R:layer=L    rank R flips one value of what it received for layer L (before verify;
+                            nothing, if R receives nothing for L)
+  kill:rank=R:layer=L       rank R exits once the first batch of layer L's transfer is posted
+  hang:rank=R:layer=L       rank R stops answering once the first batch of layer L's transfer is posted
   policy-raise[:times=K]    the next K plans raise (default 1)
   policy-hang[:times=K]     the next K plans never return
   policy-crash[:times=K]    the next K planner processes die

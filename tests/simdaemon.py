@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +55,7 @@ def running_sim(*args: str, ready_timeout: float = 180.0, env: dict | None = Non
         yield daemon
     finally:
         stop(daemon)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def stop(daemon: SimDaemon) -> None:

@@ -267,7 +267,8 @@ def test_cli_says_preview_again_when_the_plan_changed_and_moves_nothing(sim, tty
     result = run(sim.endpoint, "rebalance", "--layers", "2", input="y\n")
     assert result.exit_code == 75, result.output
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("eplbctl: error: the plan changed since the preview; preview again")
+    assert last.startswith("eplbctl: error: the previewed plan cannot be applied: the placement of layer(s) 2 "
+                           "changed since plan") and "preview again" in last
     with sim.client() as c:
         assert phy2log(c) == placed["layers"]
         assert_idle(c)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,6 +40,7 @@ def eplbd(*args: str, env: dict | None = None) -> Iterator[tuple[subprocess.Pope
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def finish(*args: str, timeout: float = 120, env: dict | None = None) -> tuple[int, str, str]:
@@ -103,8 +105,8 @@ def test_fault_naming_a_rank_or_layer_the_deployment_lacks_is_one_usage_line():
         assert code == 2 and said in one_error_line(err) and out == "", (args, err)
 
 
-def test_second_daemon_while_the_first_is_still_starting_is_one_line_and_exit_75():
-    tmp = Path(tempfile.mkdtemp(prefix="eplbt-"))
+def test_second_daemon_while_the_first_is_still_starting_is_one_line_and_exit_75(tmp_path):
+    tmp = tmp_path
     endpoint = f"ipc://{tmp}/c.sock"
     with eplbd("--ranks", "4", *BASE, "--endpoint", endpoint) as (first, first_dir):
         deadline = time.monotonic() + 60

@@ -276,7 +276,7 @@ def _apply_preview(obj: CliContext, plan_id: str) -> dict[str, Any]:
             return client.request("rebalance", {"plan_id": plan_id, "dry_run": False})
         except DaemonError as exc:
             if exc.content.get("plan_stale"):
-                raise CliError(f"the plan changed since the preview; preview again ({exc}); nothing was changed",
+                raise CliError(f"the previewed plan cannot be applied: {exc}; preview again (nothing was changed)",
                                exc.exit_code) from None
             raise
 
