@@ -2,8 +2,8 @@
 
 The control server's threads call the handlers; the agent (forward thread of rank 0) calls the
 `on_*` hooks at ticks and takes queued commands with `next_command`. The two sides share only
-immutable snapshots, the job table and the command queue, under one lock: no handler ever touches a
-device tensor or waits on the forward path.
+immutable snapshots, the job ledger (`jobs.py`) and the command queue, under one lock: no handler
+ever touches a device tensor or waits on the forward path.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import collections
 import itertools
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,22 +19,17 @@ import numpy as np
 from eplbd.aggregator import HeatHistory
 from eplbd.faults import Faults
 from eplbd.fields import layer_list, rebalance_fields, str_field
+from eplbd.jobs import JobBook, known
 from eplbd.planner import PlanJob, Planner, PlannerError, PolicyRefused
 from eplbd.plans import PlanStore
-from eplbd.profiler import JobProfile, layer_outcomes
+from eplbd.profiler import layer_outcomes
 
 from eplbctl.metrics import measured_imbalance, predicted_imbalance, summarize, summarize_known
 from eplbctl.policies.base import Topology
 from eplbctl.protocol import RequestError
 
 log = logging.getLogger("eplbd.control")
-SETTLE_TICKS = 2        # ticks after a job before its measured result is reported
 PROFILE_KEEP = 50
-
-
-def _known(value: float) -> float | None:
-    """A measured figure for JSON: None (shown as "-") for a layer that recorded no token."""
-    return None if np.isnan(value) else float(value)
 
 
 @dataclass(frozen=True)
@@ -74,12 +68,8 @@ class Control:
         self._snapshot: Snapshot | None = None
         self._last_change: np.ndarray | None = None
         self._tick_count = 0
-        self._jobs: dict[int, dict] = {}
-        self._profiles: dict[int, JobProfile] = {}
-        self._records: collections.deque[dict] = collections.deque(maxlen=PROFILE_KEEP)
-        self._active: int | None = None
+        self.book = JobBook(PROFILE_KEEP)
         self._planning = False
-        self._job_ids = itertools.count(1)
         self._request_ids = itertools.count(1)
         self._probe: dict[str, Any] = {}
         self._probe_waiters: dict[int, threading.Event] = {}
@@ -104,58 +94,24 @@ class Control:
         with self._lock:
             self._tick_count += 1
             self.step = step
-            self._on_layers(job_id, outcomes, step)
+            error = self.book.account(job_id, outcomes, step)
+            if error:
+                self.events.append(f"step {step}: job {job_id}: {error}")
             if any(out.ok for out in outcomes):
                 self._last_change[[o.layer for o in outcomes if o.ok]] = step
             slots, heat = self._windows()
             self._snapshot = Snapshot(step, self._tick_count, placement_now.copy(), slots, heat[0],
                                       heat[1], self._last_change.copy())
-            self._settle_jobs()
+            self.book.settle(self._snapshot.ticks_per_layer, measured_imbalance(self._snapshot.slot_window))
             self._gather_s = gather_s
 
     def _windows(self) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
         slots, _, ticks = self.history.window(self._last_change)
         return slots, (self.history.full_window_heat(), ticks)
 
-    def _on_layers(self, job_id: int | None, outcomes: list, step: int) -> None:
-        """Account every layer that was in flight this step, then end the job if it is over."""
-        job = self._jobs.get(job_id) if job_id is not None else None
-        if job is None or not outcomes:
-            return
-        failed = []
-        for out in outcomes:
-            self._profiles[job_id].per_layer.append(out.figures)
-            if out.ok:
-                job["done_layers"].append(out.layer)   # also when a sibling in flight failed: it moved
-            else:
-                why = "; ".join(out.errors) or "a rank reported a failure"
-                failed.append(f"layer {out.layer} aborted on every rank ({why})")
-        if failed:
-            self._finish(job, "failed", step, "; ".join(failed) + "; layers not yet started keep their placement")
-        elif len(job["done_layers"]) == len(job["layers"]):
-            self._finish(job, "done", step, None)
-
-    def _finish(self, job: dict, state: str, step: int, error: str | None) -> None:
-        job.update(state=state, finished_step=step, error=error)
-        self._records.append(self._profiles[job["job_id"]].record(time.perf_counter()))
-        self._active = None
-        if error:
-            self.events.append(f"step {step}: job {job['job_id']}: {error}")
-
-    def _settle_jobs(self) -> None:
-        snap = self._snapshot
-        for job in self._jobs.values():
-            if job["state"] != "done" or job["measured_after"] is not None:
-                continue
-            if np.all(snap.ticks_per_layer[job["layers"]] >= SETTLE_TICKS):
-                measured = measured_imbalance(snap.slot_window)
-                job["measured_after"] = {str(la): _known(measured[la]) for la in job["layers"]}
-
     def on_job_started(self, job_id: int, step: int) -> None:
         with self._lock:
-            job = self._jobs[job_id]
-            job.update(state="transferring", started_step=step)
-            self._profiles[job_id].started_at = time.perf_counter()
+            self.book.started(job_id, step)
 
     def on_probe(self, step: int, combined: str, baseline: bool, sums: np.ndarray, expert_sums: np.ndarray,
                  request_id: int | None) -> None:
@@ -184,9 +140,9 @@ class Control:
             if self.fault is None:
                 self.events.append(message)
             self.fault = message
-            if self._active is not None:
-                job = self._jobs[self._active]
-                self._finish(job, "failed", self.step, message)
+            job = self.book.active_job()
+            if job is not None:
+                self.book.finish(job, "failed", self.step, message)
                 self._fault_job = job
 
     def update_fault(self, message: str) -> None:
@@ -217,9 +173,10 @@ class Control:
             return "failed"
         if self._planning:
             return "planning"
-        if self._active is None:
+        job = self.book.active_job()
+        if job is None:
             return "idle"
-        return "queued" if self._jobs[self._active]["state"] == "queued" else "transferring"
+        return "queued" if job["state"] == "queued" else "transferring"
 
     def status(self, content: dict) -> dict:
         snap = self._require_snapshot()
@@ -232,13 +189,14 @@ class Control:
         rows = []
         for la in layers:
             rows.append({"layer": la, "model_layer": self.layer_ids[la] if self.layer_ids else la,
-                         "measured": _known(measured[la]), "current": float(current[la]),
+                         "measured": known(measured[la]), "current": float(current[la]),
                          "predicted": None if predicted is None else float(predicted[la]),
                          "replicated": int((counts[la] > 1).sum()), "max_replicas": int(counts[la].max()),
                          "last_change_step": None if snap.last_change[la] < 0 else int(snap.last_change[la]),
                          "window_tokens": int(snap.slot_window[la].sum())})
         with self._lock:
-            job = dict(self._jobs[self._active]) if self._active is not None else None
+            job = self.book.active_job()
+            job = dict(job) if job is not None else None
         return {"step": snap.step, "steps_recorded": self.history.steps_recorded,
                 "tokens_per_step": self.tokens_per_step, "window_steps": self._window_steps(),
                 "ranks": self.topo.num_devices, "experts": self.num_experts,
@@ -319,9 +277,10 @@ class Control:
 
     def _claim(self) -> None:
         """Under the lock: one redeployment at a time, from its planning to its end."""
-        if self._active is not None or self._planning:
+        active = self.book.active
+        if active is not None or self._planning:
             raise RequestError(409, "a redeployment is already running" +
-                               (f" (job {self._active})" if self._active is not None else " (planning)"))
+                               (f" (job {active})" if active is not None else " (planning)"))
         self._planning = True
 
     def _apply_preview(self, plan_id: str) -> dict:
@@ -355,21 +314,11 @@ class Control:
 
     def _queue_job(self, snap: Snapshot, layers: list[int], placement: np.ndarray, report: dict,
                    measured: np.ndarray) -> dict:
-        changed = [row["layer"] for row in report["layers"] if row["change"]]
-        job_id = next(self._job_ids)
-        job = {"job_id": job_id, "state": "queued" if changed else "nochange", "layers": changed,
-               "requested_layers": layers, "done_layers": [], "error": None, "plan": report,
-               "measured_before": {str(la): _known(measured[la]) for la in layers},
-               "measured_after": None, "started_step": None, "finished_step": None}
         with self._lock:
-            self._jobs[job_id] = job
-            if changed:
-                profile = JobProfile(job_id, changed, gather_s=getattr(self, "_gather_s", 0.0),
-                                     policy_s=float(report["seconds"]))
-                self._profiles[job_id] = profile
-                self._active = job_id
-                self._commands.append({"op": "redeploy", "job_id": job_id, "layers": changed,
-                                       "rows": placement[changed].reshape(-1).tolist()})
+            job = self.book.open(layers, report, measured, getattr(self, "_gather_s", 0.0))
+            if job["layers"]:
+                self._commands.append({"op": "redeploy", "job_id": job["job_id"], "layers": job["layers"],
+                                       "rows": placement[job["layers"]].reshape(-1).tolist()})
             return dict(job)
 
     def job(self, content: dict) -> dict:
@@ -377,7 +326,7 @@ class Control:
         if not isinstance(job_id, int) or isinstance(job_id, bool):
             raise RequestError(400, "job_id must be an integer")
         with self._lock:
-            job = self._jobs.get(job_id)
+            job = self.book.jobs.get(job_id)
             if job is None:
                 raise RequestError(422, f"no job {job_id}")
             return {"job": dict(job)}
@@ -387,7 +336,7 @@ class Control:
         if not isinstance(last, int) or isinstance(last, bool) or last < 1:
             raise RequestError(400, "last must be a positive integer")
         with self._lock:
-            records = list(self._records)[-last:]
+            records = list(self.book.records)[-last:]
         return {"records": records, "memory": dict(self.memory), "events": list(self.events)}
 
     def _refuse_if_failed(self) -> None:
