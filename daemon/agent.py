@@ -21,7 +21,7 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgpack
 import numpy as np
@@ -56,7 +56,6 @@ class Job:
     job_id: int
     pending: list[int]
     rows: dict[int, np.ndarray]        # layer -> new [N, S]
-    done: list[int] = field(default_factory=list)
 
 
 def build_maps(placement: np.ndarray, num_experts: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -175,21 +174,26 @@ class Agent:
         staged = self.inflight
         self.inflight = []
         ok = [s.error is None and self.engine.wait(s) for s in staged]
-        # one vote per layer in flight: a layer commits everywhere or nowhere, whatever its siblings do
-        votes = torch.tensor([int(x) for x in ok], dtype=torch.int64)
+        # one vote per layer in flight (a layer commits everywhere or nowhere, whatever its siblings
+        # do), and one on whether every rank's engine can still move experts (see TransferEngine._break)
+        votes = torch.tensor([int(x) for x in ok] + [int(self.engine.broken is None)], dtype=torch.int64)
         dist.all_reduce(votes, op=dist.ReduceOp.MIN, group=self.ctrl)
+        *layer_votes, healthy = votes.tolist()
         before = self.placement.copy()
-        for s, vote in zip(staged, votes.tolist(), strict=True):
+        for s, vote in zip(staged, layer_votes, strict=True):
             if vote:
                 self.engine.commit(s)
                 self._commit_maps(s.layer, self.job.rows[s.layer])
-                self.job.done.append(s.layer)
             elif s.error:
                 log.error("rank %d: %s", self.rank, s.error)
-        if not all(votes.tolist()):
+        if not all(layer_votes):
             self.job.pending = []       # the job ends at its first aborted layer
         finished = time.perf_counter()
         self._tick(before, self._stats(staged, start, finished))
+        if not healthy:
+            # every rank stops here, together: a late P2P write could corrupt a later layer unseen
+            raise RuntimeError("expert transfers stopped after a failed transfer ("
+                               f"{self.engine.broken or 'on another rank'}); restart eplbd to rebalance again")
         if not self.job.pending:
             self.job = None
             self._probe(publish_baseline=False)

@@ -69,6 +69,7 @@ class Control:
         self._last_change: np.ndarray | None = None
         self._tick_count = 0
         self.book = JobBook(PROFILE_KEEP)
+        self._gather_s = 0.0          # the last tick's gather time, charged to the next job's profile
         self._planning = False
         self._request_ids = itertools.count(1)
         self._probe: dict[str, Any] = {}
@@ -89,9 +90,9 @@ class Control:
         if self.history is None:
             self.history = HeatHistory(L, self.num_experts, self.window_ticks)
             self._last_change = np.full(L, -1, dtype=np.int64)
-        self.history.add(step, steps, slot_counts, placement_in_force)
         outcomes = layer_outcomes(stats, self.layers_per_step)
-        with self._lock:
+        with self._lock:     # status() reads the history's ticks from the server threads
+            self.history.add(step, steps, slot_counts, placement_in_force)
             self._tick_count += 1
             self.step = step
             error = self.book.account(job_id, outcomes, step)
@@ -209,7 +210,8 @@ class Control:
                 "layers": rows}
 
     def _window_steps(self) -> int:
-        return sum(t.steps for t in self.history.ticks) if self.history else 0
+        with self._lock:
+            return sum(t.steps for t in self.history.ticks) if self.history else 0
 
     def _predicted_after(self, snap: Snapshot) -> np.ndarray | None:
         cached = self._predicted
@@ -245,14 +247,15 @@ class Control:
                 raise RequestError(422, "plan_id applies a previewed plan: send it with dry_run false")
             return self._apply_preview(plan_id)
         req = rebalance_fields(content, snap.placement.shape[0], self.policy, self.threshold, self.min_gain)
-        measured = measured_imbalance(snap.slot_window)
-        layers = req.layers
-        if layers is None:
-            layers = [la for la in range(len(measured)) if measured[la] > req.threshold]
         if not dry_run:
             with self._lock:
                 self._claim()
+                snap = self._snapshot   # no job runs now: this placement is the one in force
         try:
+            measured = measured_imbalance(snap.slot_window)
+            layers = req.layers
+            if layers is None:
+                layers = [la for la in range(len(measured)) if measured[la] > req.threshold]
             fault = None if dry_run else self.faults.policy_fault()
             try:
                 plan_job = self._plan_job(snap, layers, req.policy, req.params, req.min_gain, fault)
@@ -315,7 +318,7 @@ class Control:
     def _queue_job(self, snap: Snapshot, layers: list[int], placement: np.ndarray, report: dict,
                    measured: np.ndarray) -> dict:
         with self._lock:
-            job = self.book.open(layers, report, measured, getattr(self, "_gather_s", 0.0))
+            job = self.book.open(layers, report, measured, self._gather_s)
             if job["layers"]:
                 self._commands.append({"op": "redeploy", "job_id": job["job_id"], "layers": job["layers"],
                                        "rows": placement[job["layers"]].reshape(-1).tolist()})

@@ -97,7 +97,7 @@ class Faults:
 
     def before_launch(self, rank: int, layer: int, engine: Any) -> None:
         if self._take("corrupt", rank, layer):
-            engine.corrupt_next = True     # the transfer thread flips a staged value before verifying
+            engine.corrupt_next = True     # the engine flips a received value before verifying
 
     def after_launch(self, rank: int, layer: int, posted: Any) -> None:
         """Kill or hang once the layer's first batch is out (`posted`, an Event), i.e. mid-transfer."""

@@ -51,7 +51,7 @@ class JobBook:
         """Every layer that was in flight this step; ends the job when it is over. -> the error of a
         job that failed here (for the event log), else None."""
         job = self.jobs.get(job_id) if job_id is not None else None
-        if job is None or not outcomes:
+        if job is None or job["state"] != "transferring" or not outcomes:
             return None
         failed = []
         for out in outcomes:
@@ -75,13 +75,14 @@ class JobBook:
         self.active = None
 
     def settle(self, ticks_per_layer: np.ndarray, measured: np.ndarray) -> None:
-        """Jobs done long enough ago for their layers' windows to hold only the new placement get
-        their measured result."""
+        """Jobs ended long enough ago for their moved layers' windows to hold only the new placement
+        get their measured result (a failed job: for the layers it did move)."""
         for job in self.jobs.values():
-            if job["state"] != "done" or job["measured_after"] is not None:
+            moved = job["done_layers"]
+            if job["state"] not in ("done", "failed") or not moved or job["measured_after"] is not None:
                 continue
-            if np.all(ticks_per_layer[job["layers"]] >= SETTLE_TICKS):
-                job["measured_after"] = {str(la): known(measured[la]) for la in job["layers"]}
+            if np.all(ticks_per_layer[moved] >= SETTLE_TICKS):
+                job["measured_after"] = {str(la): known(measured[la]) for la in moved}
 
     def active_job(self) -> dict | None:
         return self.jobs[self.active] if self.active is not None else None

@@ -2,7 +2,8 @@
 
 Imbalance of a layer = max device load / mean device load, computed per layer over devices.
 Aggregation over layers (mean / p90 / max) happens only after the per-layer value.
-A layer with zero load has imbalance 1.0 by definition.
+A layer with zero load has predicted imbalance 1.0 by definition; one that recorded no token has no
+measured imbalance (NaN, shown as "-"): no data is not a balanced layer.
 """
 
 from __future__ import annotations

@@ -236,7 +236,7 @@ def test_cli_applies_a_preview_saved_earlier_by_its_plan_id_once(sim):
         assert phy2log(c, [3]) != before
     again = run(sim.endpoint, "rebalance", "--plan-id", plan["plan_id"], "--yes")
     assert again.exit_code == 75 and "preview again" in again.stderr
-    for extra in (["--layers", "3"], ["--dry-run"], ["--policy", "swift"]):
+    for extra in (["--layers", "3"], ["--dry-run"], ["--policy", "swift"], ["--min-gain", "0"]):
         bad = run(sim.endpoint, "rebalance", "--plan-id", plan["plan_id"], "--yes", *extra)
         assert bad.exit_code == 2, bad.output
 

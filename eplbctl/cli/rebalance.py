@@ -186,8 +186,9 @@ def rebalance(obj: CliContext, spec: str | None, auto: bool, threshold: float | 
     if (spec is not None) + auto + (plan_id is not None) != 1:
         raise click.UsageError("give exactly one of --layers SPEC, --auto or --plan-id ID")
     if plan_id is not None:
-        given = [name for name, value in (("--policy", policy), ("--param", params), ("--threshold", threshold),
-                                          ("--min-gain", min_gain), ("--dry-run", dry_run)) if value]
+        given = [name for name, value in (("--policy", policy is not None), ("--param", bool(params)),
+                                          ("--threshold", threshold is not None),
+                                          ("--min-gain", min_gain is not None), ("--dry-run", dry_run)) if value]
         if given:
             raise click.UsageError(f"--plan-id applies the plan as previewed: drop {', '.join(given)}")
         _apply_saved(obj, plan_id, yes, wait, as_json)
