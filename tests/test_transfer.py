@@ -103,21 +103,23 @@ def _rank(rank: int, store: str, case: str, out) -> None:
     os._exit(0)
 
 
-def _run(case: str) -> dict[int, tuple]:
+def _spawn(target, *args) -> dict[int, tuple]:
+    """RANKS processes of `target(rank, store, *args, out)`; -> {rank: what it put after its rank}.
+    Every process is joined or killed and the rendezvous file removed, whatever happens."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     store = tempfile.mktemp(prefix="eplbt-store-")
-    procs = [ctx.Process(target=_rank, args=(r, store, case, out), daemon=True) for r in range(RANKS)]
+    procs = [ctx.Process(target=target, args=(r, store, *args, out), daemon=True) for r in range(RANKS)]
     for p in procs:
         p.start()
     try:
         got = {}
         for _ in range(RANKS):
-            rank, results, holds = out.get(timeout=150)
-            got[rank] = (results, np.array(holds))
+            rank, *rest = out.get(timeout=150)
+            got[rank] = tuple(rest)
         return got
     except queue.Empty:
-        pytest.fail(f"transfer case {case} did not finish within 150 s")
+        pytest.fail(f"{target.__name__}{args} did not finish within 150 s")
     finally:
         for p in procs:
             p.join(timeout=10)
@@ -125,6 +127,10 @@ def _run(case: str) -> dict[int, tuple]:
                 p.kill()
         if os.path.exists(store):
             os.unlink(store)
+
+
+def _run(case: str) -> dict[int, tuple]:
+    return {rank: (results, np.array(holds)) for rank, (results, holds) in _spawn(_rank, case).items()}
 
 
 @pytest.mark.parametrize("case", ["packed", "no_tail", "one_op", "unpacked", "two_in_flight", "inline"])
@@ -194,24 +200,7 @@ def _slow_peer_rank(rank: int, store: str, out) -> None:
 def test_after_a_transfer_timeout_the_engine_refuses_to_move_experts_again():
     """A peer past the time limit makes the transfer fail; its ops may still land late in staging,
     where a later layer's verified rows could be overwritten before commit. So the engine stops."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    store = tempfile.mktemp(prefix="eplbt-store-")
-    procs = [ctx.Process(target=_slow_peer_rank, args=(r, store, out), daemon=True) for r in range(RANKS)]
-    for p in procs:
-        p.start()
-    try:
-        got = {}
-        for _ in range(RANKS):
-            rank, first, second = out.get(timeout=120)
-            got[rank] = (first, second)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-        if os.path.exists(store):
-            os.unlink(store)
+    got = _spawn(_slow_peer_rank)
     failed = sorted(r for r, (first, _) in got.items() if first[0] is False)
     assert {0, 2} <= set(failed), got                    # the ranks that waited on rank 1 gave up
     for r in failed:
