@@ -150,13 +150,12 @@ class Agent:
                     break      # the rows left this step are too few: the layer goes first next step
                 self.job.pending.pop(0)
                 staged = StagedLayer(layer, [], [])
-                staged.error = str(exc)
-                staged.error_kind = getattr(exc, "kind", "transfer")
+                staged.fail(exc)
                 self.inflight.append(staged)
                 continue
             self.job.pending.pop(0)
             first_row += staged.rows_used
-            self.faults.before_launch(self.rank, layer, self.engine)
+            self.faults.before_launch(self.rank, layer, staged)
             self.engine.launch(staged)
             self.inflight.append(staged)
             self.faults.after_launch(self.rank, layer, staged.posted)

@@ -103,7 +103,7 @@ class Control:
             slots, heat = self._windows()
             self._snapshot = Snapshot(step, self._tick_count, placement_now.copy(), slots, heat[0],
                                       heat[1], self._last_change.copy())
-            self.book.settle(self._snapshot.ticks_per_layer, measured_imbalance(self._snapshot.slot_window))
+            self.book.settle(self._snapshot.ticks_per_layer, self._snapshot.slot_window)
             self._gather_s = gather_s
 
     def _windows(self) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:

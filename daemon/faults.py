@@ -95,9 +95,9 @@ class Faults:
                 return True
         return False
 
-    def before_launch(self, rank: int, layer: int, engine: Any) -> None:
+    def before_launch(self, rank: int, layer: int, staged: Any) -> None:
         if self._take("corrupt", rank, layer):
-            engine.corrupt_next = True     # the engine flips a received value before verifying
+            staged.corrupt = True          # the engine flips a received value before verifying
 
     def after_launch(self, rank: int, layer: int, posted: Any) -> None:
         """Kill or hang once the layer's first batch is out (`posted`, an Event), i.e. mid-transfer."""

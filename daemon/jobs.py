@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from eplbd.profiler import JobProfile
 
+from eplbctl.metrics import measured_imbalance
+
 SETTLE_TICKS = 2        # ticks after a job before its measured result is reported
 
 
@@ -74,14 +76,16 @@ class JobBook:
         self.records.append(self.profiles[job["job_id"]].record(time.perf_counter()))
         self.active = None
 
-    def settle(self, ticks_per_layer: np.ndarray, measured: np.ndarray) -> None:
+    def settle(self, ticks_per_layer: np.ndarray, slot_window: np.ndarray) -> None:
         """Jobs ended long enough ago for their moved layers' windows to hold only the new placement
         get their measured result (a failed job: for the layers it did move)."""
+        measured = None        # computed at most once, and only when a job settles: this runs every tick
         for job in self.jobs.values():
             moved = job["done_layers"]
             if job["state"] not in ("done", "failed") or not moved or job["measured_after"] is not None:
                 continue
             if np.all(ticks_per_layer[moved] >= SETTLE_TICKS):
+                measured = measured_imbalance(slot_window) if measured is None else measured
                 job["measured_after"] = {str(la): known(measured[la]) for la in moved}
 
     def active_job(self) -> dict | None:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from eplbd.staging import Staging, batch_checksums
 from eplbd.streams import SideStream
-from eplbd.transfer_plan import Batch, Move, Schedule, plan_layer, schedule
+from eplbd.transfer_plan import Batch, Move, Schedule, one_batch_rows, plan_layer, schedule
 
 
 class Phase(enum.Enum):
@@ -91,10 +91,15 @@ class StagedLayer:
     _recvs: list = field(default_factory=list)     # every receive work posted so far
     _done: list = field(default_factory=list)      # completion times of the P2P works (when known)
     _where: dict = field(default_factory=dict)     # move index -> this rank's staging row
-    _locals_filled: bool = False
-    _corrupt: bool = False                         # fault injection: flip one received value before verify
+    corrupt: bool = False                          # fault injection: flip one received value before verify
     posted: threading.Event = field(default_factory=threading.Event)     # its first batch is out
     _finished: threading.Event = field(default_factory=threading.Event)  # staged and verified, or failed
+
+    def fail(self, exc: BaseException) -> None:
+        """Record why the layer did not stage (its first line) and abort it."""
+        self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        self.error_kind = getattr(exc, "kind", "transfer")
+        self.phase = Phase.ABORTED
 
     @property
     def transfer_exact(self) -> bool:
@@ -135,7 +140,6 @@ class TransferEngine:
         self.buf = Staging(tensors, capacity)
         self.side = SideStream(tensors[0].device)
         self.expert_bytes = sum(t[0, 0].numel() * t.element_size() for t in tensors)
-        self.corrupt_next = False             # fault injection: flip one staged value before verify
         self._stamps: bool | None = None      # whether P2P works give completion times (unknown yet)
         self.broken: str | None = None        # why transfers stopped for good (see _break)
         self._queue: queue.SimpleQueue[StagedLayer] = queue.SimpleQueue()
@@ -170,11 +174,7 @@ class TransferEngine:
         start = time.perf_counter()
         moves = plan_layer(old, new)
         # no more rows than one batch needs, so the rest is left to other layers in flight
-        need = [0] * old.shape[0]
-        for m in moves:
-            need[m.dst_rank] += 1
-            need[m.src_rank] += not m.local
-        rows_left = min(self.capacity - first_row, max(need))
+        rows_left = min(self.capacity - first_row, one_batch_rows(moves, old.shape[0]))
         try:
             plan = schedule(moves, old.shape[0], rows_left, self.max_ops, len(self.tensors) + 1)
         except ValueError as exc:
@@ -200,7 +200,6 @@ class TransferEngine:
         first batch is posted here, before the forward, and the rest in `wait`, after it: the same
         order on every rank, with the work itself on the side stream."""
         staged.phase = Phase.STAGING
-        staged._corrupt, self.corrupt_next = self.corrupt_next and bool(staged.incoming), False
         if not self.threaded:
             self._start(staged)
             return
@@ -226,8 +225,7 @@ class TransferEngine:
         try:
             with self.side.active():
                 self._next_batch(staged)
-                plan = staged.schedule
-                if plan.send_end[self.rank] <= plan.local_row[self.rank]:
+                if self._locals_first(staged):
                     self._fill_locals(staged)        # copied while the batch flies
             return True
         except Exception as exc:   # anything: a dead transfer thread would stall every later layer
@@ -244,7 +242,7 @@ class TransferEngine:
                 if not staged._done:
                     staged._done.append(time.perf_counter())   # seen by a waiter that does nothing else
                 staged.transfer_s = max(staged._done) - staged.started
-                if staged._corrupt:
+                if staged.corrupt and staged.incoming:
                     self.buf.views[0][staged.first_row].view(-1)[0] += 1
                 verify_start = time.perf_counter()
                 self._verify(staged)
@@ -252,6 +250,10 @@ class TransferEngine:
             staged.phase = Phase.STAGED
         except Exception as exc:
             self._fail(staged, exc)
+
+    def _locals_first(self, staged: StagedLayer) -> bool:
+        """Whether the local copies go in at launch: no packed send of this rank uses their rows."""
+        return staged.schedule.send_end[self.rank] <= staged.schedule.local_row[self.rank]
 
     def _fill_locals(self, staged: StagedLayer) -> None:
         local_row = staged.schedule.local_row[self.rank]
@@ -261,7 +263,6 @@ class TransferEngine:
             first = staged.first_row + local_row
             self.buf.fill(slice(first, first + len(local)), self.tensors, staged.layer, slots,
                           self.slot_sums[staged.layer, slots])
-        staged._locals_filled = True
 
     def _index(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.buf.flat.device)
@@ -332,17 +333,14 @@ class TransferEngine:
         # the thread's own waits are bounded; this bound only guards against a call that never returns
         if not staged._finished.wait(self.timeout.total_seconds() * (staged.batches + 2) + 30):
             # given up: the thread may still finish this layer, but the vote has its "no" already
-            staged.error = f"layer {staged.layer}: the transfer thread did not finish"
-            staged.error_kind = TimeoutError_.kind
+            staged.fail(TimeoutError_(f"layer {staged.layer}: the transfer thread did not finish"))
             self._break(staged)
             return False
         return staged.phase is Phase.STAGED
 
     def _fail(self, staged: StagedLayer, exc: BaseException) -> None:
         staged.transfer_s = time.perf_counter() - staged.started
-        staged.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        staged.error_kind = getattr(exc, "kind", "transfer")
-        staged.phase = Phase.ABORTED
+        staged.fail(exc)
         if staged.error_kind in ("transfer", "timeout"):
             self._break(staged)
 
@@ -359,7 +357,7 @@ class TransferEngine:
         while staged._pending:
             self._next_batch(staged)
             self._wait_for(staged, staged._sends)
-        if not staged._locals_filled:
+        if not self._locals_first(staged):
             self._fill_locals(staged)
         self._wait_for(staged, staged._recvs)
         staged._sends, staged._recvs = [], []

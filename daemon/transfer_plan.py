@@ -119,6 +119,16 @@ def _take(pending: list[Indexed], used: list[int], capacity: int, max_ops: int, 
     return sorted(taken, key=lambda item: item[0])
 
 
+def one_batch_rows(moves: list[Move], num_ranks: int) -> int:
+    """Staging rows the busiest rank needs for the layer to go in one batch: its receives plus its
+    packed sends."""
+    need = [0] * num_ranks
+    for m in moves:
+        need[m.dst_rank] += 1
+        need[m.src_rank] += not m.local
+    return max(need)
+
+
 def schedule(moves: list[Move], num_ranks: int, capacity: int, max_ops: int, parts: int) -> Schedule:
     """moves (one layer, every rank) -> its batches and every rank's staging rows.
 

@@ -29,7 +29,8 @@ def test_a_failed_layer_and_committed_siblings_in_one_step_end_the_job_failed_wi
     assert book.account(job["job_id"], [_outcome(1, True)], step=12) is None
     assert job["state"] == "failed" and job["done_layers"] == [0, 2] and len(book.records) == 1
     # the layers it did move get their measured result once their windows settled
-    book.settle(np.full(3, SETTLE_TICKS), np.array([1.01, 1.2, 1.02]))
+    window = np.array([[[101.0], [99.0]], [[120.0], [80.0]], [[102.0], [98.0]]])   # [L, N, S]: 1.01, 1.2, 1.02
+    book.settle(np.full(3, SETTLE_TICKS), window)
     assert job["measured_after"] == {"0": 1.01, "2": 1.02}
 
 
@@ -40,5 +41,5 @@ def test_a_job_is_done_only_when_every_layer_moved() -> None:
     assert book.account(job["job_id"], [_outcome(4, True)], step=2) is None and job["state"] == "transferring"
     book.account(job["job_id"], [_outcome(5, True)], step=3)
     assert job["state"] == "done" and book.active is None
-    book.settle(np.array([0, 0, 0, 0, SETTLE_TICKS, SETTLE_TICKS - 1]), np.ones(6))
+    book.settle(np.array([0, 0, 0, 0, SETTLE_TICKS, SETTLE_TICKS - 1]), np.ones((6, 2, 1)))
     assert job["measured_after"] is None                 # layer 5 has not settled yet

@@ -78,7 +78,7 @@ def _rank(rank: int, store: str, case: str, out) -> None:
         flights = [[engine.prepare(la, start[la], target[la])] for la in range(LAYERS)]
     for flight in flights:
         for staged in flight:
-            engine.corrupt_next = case == "corrupt" and rank == 1 and staged.layer == 0
+            staged.corrupt = case == "corrupt" and rank == 1 and staged.layer == 0
             engine.launch(staged)
         for staged in flight:
             ok = engine.wait(staged)
