@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from eplbctl.heat import HeatData, HeatError, _int_field, _json_lines, _read_text, validate_heat
+from eplbctl.heat import HeatData, _int_field, _json_lines, _read_text
+from eplbctl.heatcheck import HeatError, validate_heat
 
 
 def _is_warmup(rows: list[tuple[int, ...]]) -> bool:
