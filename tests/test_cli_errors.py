@@ -333,7 +333,7 @@ def test_confirmation_needs_a_terminal(endpoint: str, daemon: FakeDaemon) -> Non
 
 
 def test_failed_job_without_end_step_prints_from_step(capsys: pytest.CaptureFixture[str]) -> None:
-    from eplbctl.cli.base import Terminal
+    from eplbctl.cli.output import Terminal
 
     job = {"job_id": 1, "state": "failed", "layers": [1, 2, 3, 4, 5], "done_layers": [1, 2],
            "error": "rank 1 died", "started_step": 49, "finished_step": None}

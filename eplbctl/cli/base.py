@@ -1,12 +1,11 @@
-"""What every command shares: the context object, global options, exit codes, errors, the terminal.
+"""What every command shares: the context object, global options, exit codes, errors.
 
 Shaped after Celery's ``cli/base.py`` and hatch's ``Terminal``:
 - one context object (:class:`CliContext`) built by the group from ``--endpoint``/``--timeout``/
   ``--key-file`` and handed to every command, which asks it for a client;
 - one exception (:class:`CliError`) that carries its exit code, and one translation function
   (:func:`translate`) from client/value errors to a one-line ``eplbctl: error: ...`` on stderr;
-- one :class:`Terminal`: rich for people on stderr (progress, spinners, notes), the data the user
-  asked for on stdout (tables), and plain JSON only on stdout under ``--json``.
+- one :class:`~eplbctl.cli.output.Terminal` (in ``output.py``, with the number formats).
 
 Nothing here imports torch, numpy or the policies: every command that talks to a daemon must start fast.
 """
@@ -14,18 +13,14 @@ Nothing here imports torch, numpy or the policies: every command that talks to a
 from __future__ import annotations
 
 import functools
-import json
 import math
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -224,62 +219,6 @@ class CliContext:
 pass_ctx = click.make_pass_decorator(CliContext)
 
 
-class Terminal:
-    """hatch-style output: data on stdout, people-facing chatter on stderr, no markup on data."""
-
-    def __init__(self) -> None:
-        # Resolved per call (not at import) so click's CliRunner, which swaps sys.stdout, sees it all.
-        self.out = Console(file=sys.stdout, **_console_options(sys.stdout))
-        self.err = Console(file=sys.stderr, **_console_options(sys.stderr))
-
-    def table(self, table: Table) -> None:
-        if self.out.is_terminal:
-            self.out.print(table)
-            return
-        # Off a terminal (pipes, files): rich pads every cell to the column width; strip the trailing
-        # blanks so `grep`/`awk`/diffs see clean rows.
-        with self.out.capture() as captured:
-            self.out.print(table)
-        click.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
-
-    def line(self, text: str = "") -> None:
-        # Plain echo: data lines must not be re-wrapped or styled by rich.
-        click.echo(text)
-
-    def note(self, text: str) -> None:
-        click.echo(text, err=True)
-
-    def warn(self, text: str) -> None:
-        click.echo(f"eplbctl: warning: {text}", err=True)
-
-    def json(self, obj: Any, compact: bool = False) -> None:
-        # compact: one document per line, for streams (``status --watch --json``).
-        indent = None if compact else 2
-        click.echo(json.dumps(obj, indent=indent, sort_keys=True, default=_json_default))
-
-    @contextmanager
-    def spinner(self, text: str) -> Iterator[None]:
-        with self.err.status(text):
-            yield
-
-
-def _console_options(stream: Any) -> dict[str, Any]:
-    is_tty = bool(getattr(stream, "isatty", lambda: False)())
-    # Off a terminal: no colour, no markup/highlighting and a wide line, so pipes get plain unwrapped rows.
-    if is_tty:
-        return {"highlight": False}
-    return {"highlight": False, "no_color": True, "width": 200, "force_terminal": False}
-
-
-def _json_default(obj: Any) -> Any:
-    # numpy scalars/arrays reach here from the offline planner; the daemon path is plain Python.
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
-
-
 def finite_or_none(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
     """Callback for float options: FloatRange lets NaN through (every comparison with it is false)."""
     if value is not None and not math.isfinite(value):
@@ -392,26 +331,3 @@ def handle_errors(func: F) -> F:
             raise
 
     return wrapper  # type: ignore[return-value]
-
-
-def fmt_ratio(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, int | float) else "-"
-
-
-def fmt_bytes(n: Any) -> str:
-    if not isinstance(n, int | float):
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return f"{value:.2f} GiB"
-
-
-def fmt_summary(name: str, summary: Any) -> str:
-    if not isinstance(summary, dict):
-        return f"{name} -"
-    return f"{name} mean {fmt_ratio(summary.get('mean'))} p90 {fmt_ratio(summary.get('p90'))} " + (
-        f"max {fmt_ratio(summary.get('max'))}"
-    )

@@ -30,12 +30,12 @@ from eplbctl.cli.base import (
     EXIT_INTERRUPTED,
     CliContext,
     CliError,
-    Terminal,
     field,
     handle_errors,
     json_option,
     pass_ctx,
 )
+from eplbctl.cli.output import Terminal
 
 START_TIMEOUT_S = 120.0
 HEAT_TIMEOUT_S = 120.0

@@ -15,7 +15,6 @@ from eplbctl.cli.base import (
     EXIT_DATAERR,
     EXIT_USAGE,
     CliError,
-    Terminal,
     check_layer_syntax,
     complete_policy,
     finite_or_none,
@@ -25,6 +24,7 @@ from eplbctl.cli.base import (
     parse_layer_spec,
     parse_params,
 )
+from eplbctl.cli.output import Terminal
 
 
 def _slots(num_experts: int, devices: int, redundant: int | None, slots: int | None) -> int:

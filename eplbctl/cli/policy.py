@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from eplbctl.cli.base import Terminal, handle_errors, json_option
+from eplbctl.cli.base import handle_errors, json_option
+from eplbctl.cli.output import Terminal
 
 
 @click.group()

@@ -7,17 +7,8 @@ from typing import Any
 import click
 from rich.table import Table
 
-from eplbctl.cli.base import (
-    MAX_COUNT,
-    CliContext,
-    Terminal,
-    UnexpectedReply,
-    field,
-    fmt_bytes,
-    handle_errors,
-    json_option,
-    pass_ctx,
-)
+from eplbctl.cli.base import MAX_COUNT, CliContext, UnexpectedReply, field, handle_errors, json_option, pass_ctx
+from eplbctl.cli.output import Terminal, fmt_bytes
 
 PHASES = ("gather_s", "policy_s", "plan_s", "commit_s", "stall_s", "total_s")
 

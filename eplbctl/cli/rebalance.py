@@ -31,16 +31,12 @@ from eplbctl.cli.base import (
     EXIT_INTERRUPTED,
     CliContext,
     CliError,
-    Terminal,
     UnexpectedReply,
     check_layer_syntax,
     check_params,
     complete_policy,
     field,
     finite_or_none,
-    fmt_bytes,
-    fmt_ratio,
-    fmt_summary,
     handle_errors,
     json_option,
     param_option,
@@ -48,6 +44,7 @@ from eplbctl.cli.base import (
     parse_params,
     pass_ctx,
 )
+from eplbctl.cli.output import Terminal, fmt_bytes, fmt_ratio, fmt_summary
 
 FINAL_STATES = ("done", "failed", "nochange")
 SETTLE_DEADLINE_S = 60.0

@@ -19,18 +19,16 @@ from eplbctl.cli.base import (
     MAX_TIMEOUT_S,
     CliContext,
     CliError,
-    Terminal,
     UnexpectedReply,
     field,
     finite_or_none,
-    fmt_ratio,
-    fmt_summary,
     handle_errors,
     json_option,
     parse_layer_spec,
     pass_ctx,
     translate,
 )
+from eplbctl.cli.output import Terminal, fmt_ratio, fmt_summary
 
 LSB = {"not_running": EXIT_NOT_RUNNING, "unknown": EXIT_UNKNOWN}
 EXIT_FAULT = 1  # LSB "program is dead": the deployment reports a fault
