@@ -38,7 +38,7 @@ from eplbd.server import ServerError, take_over_socket  # noqa: E402
 from eplbd.sim import SimConfig  # noqa: E402
 
 from eplbctl.endpoint import ensure_endpoint_dir, resolve_endpoint  # noqa: E402
-from eplbctl.protocol import read_key  # noqa: E402
+from eplbctl.signing import read_key  # noqa: E402
 
 EX_USAGE, EX_DATAERR, EX_CANTCREAT, EX_TEMPFAIL = 2, 65, 73, 75
 

@@ -34,7 +34,6 @@ from eplbctl.protocol import (
     ErrorCode,
     Message,
     ProtocolError,
-    ReplayCache,
     RequestError,
     base_name,
     deserialize,
@@ -43,6 +42,7 @@ from eplbctl.protocol import (
     new_session,
     serialize,
 )
+from eplbctl.signing import ReplayCache
 
 log = logging.getLogger(__name__)
 

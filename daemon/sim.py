@@ -179,7 +179,7 @@ def _coordinator(cfg: SimConfig, shape: Any, store: Any, layer_ids: list[int], f
 
     from eplbctl.endpoint import resolve_endpoint
     from eplbctl.policies.base import Topology
-    from eplbctl.protocol import read_key
+    from eplbctl.signing import read_key
 
     planner = Planner(cfg.plan_timeout)
     planner.start()

@@ -1,4 +1,4 @@
-"""The eplb control wire protocol (docs/protocol.md): framing, signing, parsing, replies.
+"""The eplb control wire protocol (docs/protocol.md): framing, parsing, replies; HMAC in `signing.py`.
 
 The envelope follows jupyter's message spec (routing identities, delimiter, HMAC, header,
 parent_header, content) with msgpack instead of JSON, a length-framed signature input and a bounded
@@ -11,12 +11,8 @@ Parsing is the security boundary: `deserialize` must turn *any* input into eithe
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import os
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -25,9 +21,9 @@ from typing import Any
 import msgpack
 
 from eplbctl import PROTOCOL_VERSION
+from eplbctl.signing import ReplayCache, sign, signed_by
 
 DELIMITER = b"<EPLB|MSG>"
-REPLAY_CACHE_SIZE = 4096
 _N_SIGNED = 3  # header, parent_header, content
 _HEADER_FIELDS: dict[str, tuple[type, ...]] = {
     "msg_id": (str,),
@@ -120,29 +116,6 @@ class Message:
     @property
     def msg_id(self) -> str:
         return self.header["msg_id"]
-
-
-class ReplayCache:
-    """The signatures of the last `size` accepted messages (bounded: a daemon runs for weeks)."""
-
-    def __init__(self, size: int = REPLAY_CACHE_SIZE) -> None:
-        if size < 1:
-            msg = f"replay cache size must be >= 1, got {size}"
-            raise ValueError(msg)
-        self.size = size
-        self._seen: OrderedDict[bytes, None] = OrderedDict()
-
-    def __contains__(self, signature: bytes) -> bool:
-        return signature in self._seen
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def add(self, signature: bytes) -> None:
-        self._seen[signature] = None
-        self._seen.move_to_end(signature)
-        while len(self._seen) > self.size:
-            self._seen.popitem(last=False)
 
 
 # -- building ---------------------------------------------------------------------------------------
@@ -271,34 +244,6 @@ def unpack_map(data: bytes, what: str) -> dict[str, Any]:
     return obj
 
 
-def read_key(path: str | os.PathLike[str]) -> bytes:
-    """The shared HMAC key in `path` (surrounding white space dropped); ValueError (one line) when the
-    file cannot be read or holds no key. One reader for eplbctl and eplbd, so both take the same files."""
-    try:
-        with open(path, "rb") as f:
-            key = f.read().strip()
-    except OSError as exc:
-        raise ValueError(f"key file {path}: {exc.strerror or exc}") from None
-    if not key:
-        raise ValueError(f"key file {path} is empty: it must hold the shared HMAC key")
-    return key
-
-
-def sign(key: bytes | None, frames: Iterable[bytes]) -> bytes:
-    """Hex HMAC-SHA256 over the frames, each prefixed by its 8-byte big-endian length.
-
-    The length prefix makes the signed input unambiguous: without it, moving bytes from the end of
-    one frame to the start of the next would keep the signature valid.
-    """
-    if not key:
-        return b""
-    mac = hmac.new(key, digestmod=hashlib.sha256)
-    for frame in frames:
-        mac.update(len(frame).to_bytes(8, "big"))
-        mac.update(frame)
-    return mac.hexdigest().encode("ascii")
-
-
 def serialize(msg: Message, key: bytes | None = None) -> list[bytes]:
     """Frames for `msg`: identities, delimiter, signature, header, parent_header, content.
 
@@ -364,8 +309,7 @@ def deserialize(
         return ProtocolError(code, message, header=header, identities=identities, details=details)
 
     if key:
-        expected = sign(key, (h_raw, p_raw, c_raw))
-        if not hmac.compare_digest(signature, expected):
+        if not signed_by(key, (h_raw, p_raw, c_raw), signature):
             raise fail(ErrorCode.BAD_SIGNATURE, "bad signature (do eplbd and eplbctl use the same key?)",
                        peek_header(h_raw))
         if replay_cache is not None and signature in replay_cache:

@@ -18,7 +18,6 @@ from eplbctl.protocol import (
     ErrorCode,
     Message,
     ProtocolError,
-    ReplayCache,
     RequestError,
     base_name,
     deserialize,
@@ -30,8 +29,8 @@ from eplbctl.protocol import (
     pack,
     reply_type,
     serialize,
-    sign,
 )
+from eplbctl.signing import ReplayCache, sign
 
 pytestmark = pytest.mark.timeout(60)
 KEY = b"k" * 32

@@ -169,7 +169,7 @@ class CliContext:
     def key(self) -> bytes | None:
         if self.key_file is None:
             return None
-        from eplbctl.protocol import read_key
+        from eplbctl.signing import read_key
 
         try:
             return read_key(self.key_file)
